@@ -1,0 +1,1 @@
+"""Model definitions whose parameter names follow the original checkpoint layouts."""
