@@ -1,0 +1,337 @@
+"""Open checkpoint files lazily and safely, and say what they hold.
+
+``.safetensors`` files are memory-mapped; ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` go through
+``torch.load(weights_only=True, mmap=True)``, which refuses pickles that would run code. Only shapes are read to
+identify a file; tensors are read one at a time when a model is built, straight into the target dtype/device.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WRAPPER_KEYS = ("state_dict", "module", "model")
+
+
+class Checkpoint:
+    """A checkpoint file opened for reading: key -> shape without loading, tensors on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such file")
+        if self.path.stat().st_size == 0:
+            raise CheckpointError(f"{self.path}: the file is empty (an interrupted download?); download it again")
+        self._header: dict[str, dict] | None = None
+        self._tensors: dict[str, torch.Tensor] | None = None
+        if _looks_like_safetensors(self.path):
+            self.format = "safetensors"
+            self._header, self._data_start = _read_safetensors_header(self.path)
+            self.shapes = {k: tuple(v["shape"]) for k, v in self._header.items()}
+        else:
+            self.format = "pickle"
+            self._tensors = _load_pickle(self.path)
+            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def dtype(self, key: str) -> torch.dtype:
+        if self._header is not None:
+            return _SAFETENSORS_DTYPES[self._header[key]["dtype"]]
+        return self._tensors[key].dtype
+
+    def main_dtype(self) -> torch.dtype:
+        """The dtype most floating-point values of the file are stored in."""
+        counts: dict[torch.dtype, int] = {}
+        for key, shape in self.shapes.items():
+            dtype = self.dtype(key)
+            if dtype.is_floating_point:
+                counts[dtype] = counts.get(dtype, 0) + _numel(shape)
+        return max(counts, key=counts.get) if counts else torch.float32
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[key]
+        # read() into a fresh buffer instead of mapping the file: the page cache is not charged to this process,
+        # so loading costs the weights' size in memory and no more
+        entry = self._header[key]
+        begin, end = entry["data_offsets"]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(buffer.numpy()) != end - begin:
+                raise CheckpointError(f"{self.path}: tensor {key!r} is cut short; the file is truncated, download it again")
+        return buffer.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def state_dict(self, prefix: str = "", *, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors under ``prefix`` with the prefix removed, floating ones cast to ``dtype``, on ``device``."""
+        return dict(self.iter_tensors(prefix, dtype=dtype, device=device))
+
+    def iter_tensors(self, prefix: str = "", *, dtype=None, device=None) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self.shapes:
+            if key.startswith(prefix):
+                t = self.tensor(key)
+                target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                yield key[len(prefix):], t.to(device=device, dtype=target)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.shapes)} tensors)"
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """Parse and check the header: every tensor's bytes must lie inside the file, so truncation is caught here."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 1 or 8 + n > size:
+            raise CheckpointError(f"{path}: not a readable .safetensors file (header length {n} does not fit the "
+                                  f"{size}-byte file); it is truncated or not safetensors, download it again")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as err:
+            raise CheckpointError(f"{path}: corrupt .safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt .safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for key, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            expected = _numel(tuple(entry["shape"])) * dtype.itemsize
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: corrupt .safetensors header entry {key!r} ({err!r})") from None
+        if end - begin != expected:
+            raise CheckpointError(f"{path}: tensor {key!r} has {end - begin} bytes, its shape needs {expected}")
+        if end > data_size:
+            raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {8 + n + end}, the file has {size} "
+                                  "bytes; download it again")
+    return header, 8 + n
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return True
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return False
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then a JSON object
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file asks to run code or build objects that are not plain tensors "
+            f"({first}). Only weight files are loaded; if you trust the file, convert it to .safetensors first") from None
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "expected .safetensors or a PyTorch .ckpt/.pt/.pth file. It may be truncated or corrupt: download it again"
+        ) from None
+    return _flatten_state_dict(obj, path)
+
+
+def _flatten_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors")
+    for key in WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            obj = inner
+            break
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: contains no tensors (top-level keys: {sorted(map(str, obj))[:10]})")
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------- identification
+
+@dataclass
+class Component:
+    """One model inside a file: which part, the key prefix it lives under, its configuration."""
+    name: str           # "unet" | "vae" | "text_encoder" | "text_encoder_2" | "motion_modules" | "lora"
+    prefix: str
+    config: object = None
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    kind: str                         # "sd15" | "sdxl" | "unet" | "vae" | "text_encoder" | "motion_module" | LoRA kinds
+    family: str | None                # "sd15" | "sdxl" | None
+    components: list[Component] = field(default_factory=list)
+    num_tensors: int = 0
+    dtype: torch.dtype | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def component(self, name: str) -> Component | None:
+        return next((c for c in self.components if c.name == name), None)
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "kind": self.kind, "family": self.family, "tensors": self.num_tensors,
+                "dtype": str(self.dtype).replace("torch.", ""), "notes": self.notes,
+                "components": {c.name: {"prefix": c.prefix, "config": _config_dict(c.config)} for c in self.components}}
+
+
+def _config_dict(config) -> dict | None:
+    if config is None:
+        return None
+    from dataclasses import asdict, is_dataclass
+    return asdict(config) if is_dataclass(config) else dict(vars(config))
+
+
+SUPPORTED_KINDS = ("SD 1.5 single file (UNet + VAE + CLIP-L)", "SDXL base single file", "UNet alone (LDM layout)",
+                   "VAE alone (LDM layout)", "CLIP text encoder alone", "AnimateDiff motion module (v1/v2/v3, SDXL beta, "
+                   "AnimateLCM, Lightning)", "AnimateDiff MotionLoRA", "AnimateDiff v3 domain adapter", "kohya LoRA",
+                   "diffusers/peft LoRA")
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+SD15_TEXT = "cond_stage_model.transformer."
+SDXL_TEXT_L = "conditioner.embedders.0.transformer."
+SDXL_TEXT_G = "conditioner.embedders.1.model."
+
+
+def strip(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def identify(ckpt: Checkpoint, *, motion_version: str | None = None) -> CheckpointInfo:
+    """Say what ``ckpt`` holds, with each component's configuration read off the tensor shapes."""
+    shapes = ckpt.shapes
+    info = CheckpointInfo(ckpt.path, kind="", family=None, num_tensors=len(shapes), dtype=ckpt.main_dtype())
+    keys = shapes.keys()
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+
+    lora_kind = _lora_kind(keys)
+    if lora_kind:
+        info.kind = lora_kind
+        info.family = _lora_family(shapes, lora_kind)
+        info.components.append(Component("lora", ""))
+        return info
+    if any(".motion_modules." in k for k in keys) and not has(UNET):
+        from .models.motion import MotionConfig
+        config = MotionConfig.from_state_dict(shapes, filename=ckpt.path.name, version=motion_version)
+        info.kind, info.family = "motion_module", config.base_family
+        info.components.append(Component("motion_modules", "", config))
+        info.notes.append(config.version_reason)
+        return info
+    if has(UNET) or has("input_blocks.") and has("output_blocks."):
+        prefix = UNET if has(UNET) else ""
+        unet_config = _unet_config(strip(shapes, prefix), ckpt.path)
+        info.components.append(Component("unet", prefix, unet_config))
+        info.family = unet_config.family
+        info.kind = unet_config.family if prefix else "unet"
+        if has(VAE):
+            info.components.append(Component("vae", VAE, _vae_config(strip(shapes, VAE))))
+        for name, text_prefix in (("text_encoder", SD15_TEXT), ("text_encoder", SDXL_TEXT_L),
+                                  ("text_encoder_2", SDXL_TEXT_G)):
+            if has(text_prefix):
+                info.components.append(Component(name, text_prefix, _text_config(strip(shapes, text_prefix))))
+        return info
+    vae_prefix = VAE if has(VAE) else ""
+    if has(vae_prefix + "encoder.conv_in.") and has(vae_prefix + "decoder.conv_out."):
+        if has(vae_prefix + "encoder.down_blocks."):
+            raise CheckpointError(f"{ckpt.path}: recognised as a VAE in the diffusers layout, not supported yet; "
+                                  "use the single-file (LDM) VAE file, e.g. vae-ft-mse-840000-ema-pruned.safetensors")
+        info.kind = "vae"
+        info.components.append(Component("vae", vae_prefix, _vae_config(strip(shapes, vae_prefix))))
+        return info
+    for prefix in ("", SD15_TEXT, "cond_stage_model.", "text_encoder."):
+        if has(prefix + "text_model.encoder.layers."):
+            info.kind = "text_encoder"
+            info.components.append(Component("text_encoder", prefix, _text_config(strip(shapes, prefix))))
+            return info
+    raise CheckpointError(_unknown_message(ckpt))
+
+
+def _unknown_message(ckpt: Checkpoint) -> str:
+    prefixes: dict[str, int] = {}
+    for key in ckpt.shapes:
+        head = ".".join(key.split(".")[:2]) if key.count(".") > 1 else key.split(".")[0]
+        prefixes[head] = prefixes.get(head, 0) + 1
+    found = ", ".join(f"{p} ({n})" for p, n in sorted(prefixes.items(), key=lambda kv: -kv[1])[:12])
+    return (f"{ckpt.path}: unknown checkpoint: {len(ckpt.shapes)} tensors under key prefixes {found}. "
+            f"Supported kinds: {'; '.join(SUPPORTED_KINDS)}.")
+
+
+def _unet_config(shapes, path):
+    from .models.unet import UNetConfig
+
+    config = UNetConfig.from_state_dict(shapes)
+    if config.in_channels == 9:
+        raise CheckpointError(f"{path}: recognised as an inpainting UNet (9 input channels), not supported yet")
+    if config.family not in ("sd15", "sdxl"):
+        names = {"sd2": "Stable Diffusion 2.x"}
+        raise CheckpointError(f"{path}: recognised as {names.get(config.family, config.family)} "
+                              f"(context width {config.context_dim}), not supported yet; SD 1.5 and SDXL are")
+    return config
+
+
+def _vae_config(shapes):
+    from .models.vae import VAEConfig
+    return VAEConfig.from_state_dict(shapes)
+
+
+def _text_config(shapes):
+    from .models.text import TextEncoderConfig
+    return TextEncoderConfig.from_state_dict(shapes)
+
+
+def _lora_kind(keys) -> str | None:
+    for key in keys:
+        if key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
+            return "lora_kohya"
+        if "_lora.down.weight" in key or "_lora.up.weight" in key:
+            return "motion_lora" if ".motion_modules." in key else "domain_adapter"
+        if ".lora_A." in key or ".lora.down." in key or ".lora_down.weight" in key:
+            return "lora_diffusers"
+    return None
+
+
+def _lora_family(shapes, kind: str) -> str | None:
+    if kind == "motion_lora":
+        return "sd15" if any(k.startswith("up_blocks.3.") for k in shapes) else "sdxl"
+    # cross-attention key projections reveal the context width: 768 for SD 1.5, 2048 for SDXL
+    widths = {s[-1] for k, s in shapes.items() if "attn2" in k and "to_k" in k and len(s) == 2 and s[-1] >= 768}
+    if 2048 in widths:
+        return "sdxl"
+    if 768 in widths:
+        return "sd15"
+    return None
+
+
+def load_checkpoint(path: str | Path, *, motion_version: str | None = None) -> tuple[Checkpoint, CheckpointInfo]:
+    ckpt = Checkpoint(path)
+    return ckpt, identify(ckpt, motion_version=motion_version)

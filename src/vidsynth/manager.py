@@ -1,0 +1,140 @@
+"""ModelManager: checkpoint files -> modules on the chosen device and dtype (DiffSynth-compatible surface)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import Checkpoint, CheckpointInfo, Component, identify
+from .errors import CheckpointError, ConfigError
+
+VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
+
+
+def build_component(ckpt: Checkpoint, component: Component, *, dtype: torch.dtype,
+                    device: torch.device) -> nn.Module:
+    """Build the module of ``component`` on the meta device and fill it from the file, strictly."""
+    with torch.device("meta"):
+        module = _constructor(component)(component.config)
+    state = ckpt.state_dict(component.prefix, dtype=dtype, device=device)
+    expected = module.state_dict().keys()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt.path}: the {component.name} weights under {component.prefix or 'the top level'!r} do not match the "
+            f"model read off their shapes: {len(missing)} missing ({', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}), {len(unexpected)} unexpected ({', '.join(unexpected[:5])}"
+            f"{' ...' if len(unexpected) > 5 else ''})")
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"{ckpt.path}: {component.name} weights do not fit: {err}") from None
+    _materialize_leftovers(module, device)
+    return module.eval().requires_grad_(False)
+
+
+def _materialize_leftovers(module: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers are not in the file; modules rebuild them through ``reset_buffers()``."""
+    for sub in module.modules():
+        if any(b.is_meta for b in sub.buffers(recurse=False)):
+            if not hasattr(sub, "reset_buffers"):
+                raise RuntimeError(f"{type(sub).__name__} has a non-persistent buffer and no reset_buffers()")
+            sub.to_empty(device=device, recurse=False)
+            sub.reset_buffers()
+
+
+def _constructor(component: Component):
+    if component.name == "unet":
+        from .models.unet import UNetModel
+        return UNetModel
+    if component.name == "vae":
+        from .models.vae import AutoencoderKL
+        return AutoencoderKL
+    if component.name in ("text_encoder", "text_encoder_2"):
+        from .models.text import CLIPTextModel, OpenCLIPTextModel
+        return OpenCLIPTextModel if component.config.layout == "open_clip" else CLIPTextModel
+    if component.name == "motion_modules":
+        from .models.motion import MotionModuleSet
+        return MotionModuleSet
+    raise CheckpointError(f"no model class for component {component.name!r}")
+
+
+class ModelManager:
+    """Loads checkpoint files as they are and holds the resulting modules.
+
+    ``ModelManager(torch_dtype=torch.float16, device="cuda").load_models([base_file, motion_module_file])``
+    """
+
+    def __init__(self, torch_dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
+                 file_path_list: Iterable[str | Path] = ()):
+        self.torch_dtype = torch_dtype
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' was asked for but CUDA is not available here; use device='cpu' "
+                              "(with torch_dtype=torch.float32) or install a CUDA build of PyTorch")
+        self.models: dict[str, nn.Module] = {}
+        self.infos: dict[str, CheckpointInfo] = {}
+        self.family: str | None = None
+        self.loras: list = []
+        self.load_models(list(file_path_list))
+
+    # ------------------------------------------------------------------------------------------------ loading
+    def load_models(self, file_path_list: Iterable[str | Path], *, motion_version: str | None = None) -> None:
+        for path in file_path_list:
+            self.load_model(path, motion_version=motion_version)
+
+    def load_model(self, path: str | Path, *, motion_version: str | None = None) -> CheckpointInfo:
+        ckpt = Checkpoint(path)
+        info = identify(ckpt, motion_version=motion_version)
+        if info.kind.startswith("lora") or info.kind in ("motion_lora", "domain_adapter"):
+            self.load_lora(path)
+            return info
+        self._check_family(info)
+        for component in info.components:
+            family = info.family or self.family or "sd15"
+            module = build_component(ckpt, component, dtype=self._dtype_for(component, family), device=self.device)
+            if component.name == "vae":
+                module.scaling_factor = VAE_SCALING[family]
+            self.models[component.name] = module
+            self.infos[component.name] = info
+        if info.family and info.kind != "motion_module":
+            self.family = info.family
+        return info
+
+    def _dtype_for(self, component: Component, family: str) -> torch.dtype:
+        # the SDXL VAE overflows in float16 (black / NaN frames); at 84M parameters float32 costs little
+        if component.name == "vae" and family == "sdxl" and self.torch_dtype == torch.float16:
+            return torch.float32
+        return self.torch_dtype
+
+    def _check_family(self, info: CheckpointInfo) -> None:
+        if info.kind == "motion_module" and self.family and info.family != self.family:
+            raise ConfigError(f"{info.path}: a motion module for {info.family} cannot drive the {self.family} model "
+                              f"already loaded; load a {self.family} motion module")
+        base_family = self.infos.get("motion_modules") and self.infos["motion_modules"].family
+        if info.kind != "motion_module" and base_family and info.family and info.family != base_family:
+            raise ConfigError(f"{info.path}: a {info.family} model does not fit the {base_family} motion module "
+                              "already loaded")
+
+    def load_lora(self, path: str | Path, lora_alpha: float = 1.0):
+        from .lora import attach_lora
+        lora = attach_lora(self, path, lora_alpha)
+        self.loras.append(lora)
+        return lora
+
+    # ---------------------------------------------------------------------------------------------- accessors
+    def fetch_model(self, name: str) -> nn.Module | None:
+        return self.models.get(name)
+
+    unet = property(lambda self: self.models.get("unet"))
+    vae = property(lambda self: self.models.get("vae"))
+    text_encoder = property(lambda self: self.models.get("text_encoder"))
+    text_encoder_2 = property(lambda self: self.models.get("text_encoder_2"))
+    motion_modules = property(lambda self: self.models.get("motion_modules"))
+
+    def __repr__(self) -> str:
+        held = ", ".join(f"{name}<-{info.path.name}" for name, info in self.infos.items())
+        return f"ModelManager({self.device}, {self.torch_dtype}, family={self.family}, [{held}])"
