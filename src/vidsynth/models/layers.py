@@ -85,3 +85,98 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class ResBlock(nn.Module):
+    """LDM ResBlock: ``in_layers`` (GroupNorm, SiLU, conv3x3), ``emb_layers`` (SiLU, Linear) added per channel,
+    ``out_layers`` (GroupNorm, SiLU, Dropout, conv3x3), ``skip_connection`` (1x1 conv only when channels change).
+    ``pool_frames`` pools both GroupNorms over the frames of each clip (see :func:`group_norm`)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None):
+        super().__init__()
+        out = out_channels or channels
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(32, out), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out, out, 3, padding=1)
+        )
+        self.skip_connection = nn.Conv2d(channels, out, 1) if out != channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, pool_frames: int | None = None) -> torch.Tensor:
+        h = self.in_layers[2](F.silu(group_norm(x, self.in_layers[0], pool_frames)))
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        h = self.out_layers[3](F.silu(group_norm(h, self.out_layers[0], pool_frames)))
+        return self.skip_connection(x) + h
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention (``attn1``), cross-attention on ``context`` (``attn2``) and GEGLU ``ff``, each residual."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, context_dim, heads=heads, dim_head=dim_head)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm (eps 1e-6, always per frame), ``proj_in``, ``transformer_blocks`` over the h*w tokens, ``proj_out``,
+    residual. The projections are 1x1 convs (SD 1.x, applied before flattening) or Linear layers (SD 2 / SDXL)."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, use_linear: bool):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        y = self.norm(x)
+        if not self.use_linear:
+            y = self.proj_in(y)
+        y = y.flatten(2).transpose(1, 2)
+        if self.use_linear:
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.use_linear:
+            y = self.proj_out(y)
+        y = y.transpose(1, 2).reshape(b, -1, h, w)
+        if not self.use_linear:
+            y = self.proj_out(y)
+        return y + x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv ``op``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling then 3x3 ``conv``. ``size`` (the next skip's h, w) allows latents whose sides are
+    not multiples of the total downsampling factor; otherwise the scale is 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
+        return self.conv(x)

@@ -1,0 +1,254 @@
+"""The Stable Diffusion 1.x / 2.x / SDXL image UNet in the single-file layout (LDM ``openaimodel`` / sgm naming).
+
+Keys load as they are after stripping ``model.diffusion_model.``. Video frames are folded into the batch
+``(b*f, c, h, w)``; AnimateDiff motion modules plug in at named sites (``down_blocks.i.motion_modules.j``,
+``mid_block.motion_modules.0``, ``up_blocks.i.motion_modules.j``) through a ``motion`` object passed to ``forward``.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vidsynth.errors import CheckpointError, ConfigError
+from vidsynth.models.layers import (
+    Downsample,
+    ResBlock,
+    SpatialTransformer,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+)
+
+PREFIX = "model.diffusion_model."
+
+MotionHook = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class MotionSites(Protocol):
+    def site(self, name: str) -> MotionHook | None: ...
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    transformer_depth: tuple[int, ...]  # per level; 0 = no attention at that level
+    transformer_depth_middle: int
+    context_dim: int
+    num_heads: int | None = None
+    num_head_channels: int | None = None
+    use_linear_in_transformer: bool = False
+    adm_in_channels: int | None = None  # SDXL: pooled text + Fourier time ids (2816), feeds label_emb
+
+    def __post_init__(self) -> None:
+        if len(self.transformer_depth) != len(self.channel_mult):
+            raise ConfigError(f"transformer_depth {self.transformer_depth} needs one entry per level of {self.channel_mult}")
+        if (self.num_heads is None) == (self.num_head_channels is None):
+            raise ConfigError("give exactly one of num_heads and num_head_channels")
+        if self.transformer_depth_middle < 1:
+            raise ConfigError("the middle block needs at least one transformer block")
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(heads, channels per head) of an attention layer with ``channels`` channels."""
+        if self.num_head_channels:
+            return channels // self.num_head_channels, self.num_head_channels
+        return self.num_heads, channels // self.num_heads
+
+    @property
+    def family(self) -> str:
+        """"sd15" or "sdxl" (the families vidsynth renders); "sd2", "sdxl_refiner" or "unknown" otherwise.
+        Inpainting UNets (9 input channels) get an "_inpaint" suffix."""
+        if self.adm_in_channels is None:
+            name = {768: "sd15", 1024: "sd2"}.get(self.context_dim, "unknown")
+        else:
+            name = {2048: "sdxl", 1280: "sdxl_refiner"}.get(self.context_dim, "unknown")
+        return name + "_inpaint" if self.in_channels == 9 and name != "unknown" else name
+
+    @classmethod
+    def from_state_dict(cls, shapes: Mapping[str, Sequence[int]]) -> UNetConfig:
+        """Read the configuration off key names and shapes (keys without the ``model.diffusion_model.`` prefix)."""
+        required = ("time_embed.0.weight", "input_blocks.0.0.weight", "middle_block.1.proj_in.weight", "out.2.weight")
+        missing = [k for k in required if k not in shapes]
+        if missing:
+            hint = f' (strip the "{PREFIX}" prefix first)' if any(k.startswith(PREFIX) for k in shapes) else ""
+            raise CheckpointError(f"not an SD/SDXL UNet state dict: missing {', '.join(missing)}{hint}")
+        if any(k.startswith("label_emb.") for k in shapes) and "label_emb.0.0.weight" not in shapes:
+            raise CheckpointError("UNet with a class-label embedding (e.g. the x4 upscaler) is not supported")
+
+        def count(prefix: str) -> int:
+            return 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith(prefix)), default=-1)
+
+        mc = shapes["input_blocks.0.0.weight"][0]
+        n_in, n_out = count("input_blocks."), count("output_blocks.")
+        downs = sorted(int(k.split(".")[1]) for k in shapes if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
+        per_level = downs[0] if downs else n_in  # res blocks + the downsampler (or the input conv at level 0)
+        levels = len(downs) + 1
+        if n_in != levels * per_level or n_out != levels * per_level or downs != [per_level * (i + 1) for i in range(levels - 1)]:
+            raise CheckpointError(f"UNet blocks do not form an LDM level structure ({n_in} input, {n_out} output blocks)")
+        nrb = per_level - 1
+
+        depth: dict[str, int] = {}
+        for k in shapes:
+            if m := re.match(r"(.+)\.transformer_blocks\.(\d+)\.", k):
+                depth[m[1]] = max(depth.get(m[1], 0), int(m[2]) + 1)
+        level_depth = []
+        for level in range(levels):
+            inputs = [f"input_blocks.{level * per_level + 1 + j}.1" for j in range(nrb)]
+            outputs = [f"output_blocks.{(levels - 1 - level) * per_level + j}.1" for j in range(per_level)]
+            found = {depth.get(p, 0) for p in inputs + outputs}
+            if len(found) != 1:
+                raise CheckpointError(f"transformer depth varies within UNet level {level}: {sorted(found)} (unsupported)")
+            level_depth.append(found.pop())
+        mult = [shapes[f"input_blocks.{level * per_level + 1}.0.out_layers.3.weight"][0] for level in range(levels)]
+        if any(c % mc for c in mult):
+            raise CheckpointError(f"level channels {mult} are not multiples of model_channels {mc}")
+        context_dim = shapes["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1]
+        return cls(
+            in_channels=shapes["input_blocks.0.0.weight"][1],
+            out_channels=shapes["out.2.weight"][0],
+            model_channels=mc,
+            channel_mult=tuple(c // mc for c in mult),
+            num_res_blocks=nrb,
+            transformer_depth=tuple(level_depth),
+            transformer_depth_middle=depth["middle_block.1"],
+            context_dim=context_dim,
+            # Head counts are invisible in shapes: SD 1.x uses 8 heads, SD 2 / SDXL 64 channels per head.
+            num_heads=8 if context_dim == 768 else None,
+            num_head_channels=None if context_dim == 768 else 64,
+            use_linear_in_transformer=len(shapes["middle_block.1.proj_in.weight"]) == 2,
+            adm_in_channels=shapes["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in shapes else None,
+        )
+
+
+class UNetBlock(nn.ModuleList):
+    """One ``input_blocks`` / ``middle_block`` / ``output_blocks`` entry. Its motion ``site`` (if any) runs before
+    layer ``hook_at`` (``len(self)`` = after the last layer): after resnet+attention, before an Upsample."""
+
+    def __init__(self, layers: Sequence[nn.Module], site: str | None = None, channels: int = 0, hook_at: int | None = None):
+        super().__init__(layers)
+        self.site, self.site_channels = site, channels
+        self.hook_at = len(layers) if hook_at is None else hook_at
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, pool_frames: int | None,
+                num_frames: int, hook: MotionHook | None, upsample_size: torch.Size | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self):
+            if i == self.hook_at and hook is not None:
+                h = hook(h, num_frames)
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb, pool_frames)
+            elif isinstance(layer, SpatialTransformer):
+                h = layer(h, context)
+            elif isinstance(layer, Upsample):
+                h = layer(h, upsample_size)
+            else:
+                h = layer(h)
+        if self.hook_at == len(self) and hook is not None:
+            h = hook(h, num_frames)
+        return h
+
+
+class UNetModel(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        mc, nrb, levels = config.model_channels, config.num_res_blocks, len(config.channel_mult)
+        emb_ch = 4 * mc
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.label_emb = None
+        if config.adm_in_channels:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(config.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+            )
+
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
+            heads, dim_head = config.heads(ch)
+            return SpatialTransformer(ch, heads, dim_head, depth, config.context_dim, config.use_linear_in_transformer)
+
+        def layer(ch_in: int, ch: int, depth: int) -> list[nn.Module]:
+            return [ResBlock(ch_in, emb_ch, ch)] + ([transformer(ch, depth)] if depth else [])
+
+        ch = mc
+        skips = [ch]
+        self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(config.in_channels, mc, 3, padding=1)])])
+        for level, (mult, depth) in enumerate(zip(config.channel_mult, config.transformer_depth)):
+            for j in range(nrb):
+                site = f"down_blocks.{level}.motion_modules.{j}"
+                self.input_blocks.append(UNetBlock(layer(ch, mc * mult, depth), site, mc * mult))
+                ch = mc * mult
+                skips.append(ch)
+            if level != levels - 1:
+                self.input_blocks.append(UNetBlock([Downsample(ch)]))
+                skips.append(ch)
+
+        mid = [ResBlock(ch, emb_ch), transformer(ch, config.transformer_depth_middle), ResBlock(ch, emb_ch)]
+        self.middle_block = UNetBlock(mid, "mid_block.motion_modules.0", ch, hook_at=2)
+
+        self.output_blocks = nn.ModuleList()
+        for up, level in enumerate(reversed(range(levels))):
+            mult, depth = config.channel_mult[level], config.transformer_depth[level]
+            for j in range(nrb + 1):
+                layers = layer(ch + skips.pop(), mc * mult, depth)
+                ch = mc * mult
+                hook_at = len(layers)
+                if level and j == nrb:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(UNetBlock(layers, f"up_blocks.{up}.motion_modules.{j}", ch, hook_at))
+
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, config.out_channels, 3, padding=1))
+
+    def _blocks(self) -> list[UNetBlock]:
+        return [*self.input_blocks, self.middle_block, *self.output_blocks]
+
+    def motion_sites(self) -> dict[str, int]:
+        """Motion-module site names, in the order they run, mapped to the channels at that site."""
+        return {b.site: b.site_channels for b in self._blocks() if b.site}
+
+    def _run(self, block: UNetBlock, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
+                y: torch.Tensor | None = None, *, num_frames: int = 1, motion: MotionSites | None = None,
+                pool_resnet_norms: bool = False) -> torch.Tensor:
+        """Noise prediction for ``x`` (b*f, c, h, w). ``timesteps``: (b*f,) or one value for all; ``context``:
+        (b*f, tokens, context_dim); ``y``: (b*f, adm_in_channels) for SDXL. ``pool_resnet_norms`` makes the resnet and
+        output GroupNorms pool statistics over the ``num_frames`` frames of each clip (AnimateDiff v1)."""
+        bf = x.shape[0]
+        if num_frames < 1 or bf % num_frames:
+            raise ConfigError(f"batch of {bf} frames is not a whole number of {num_frames}-frame clips")
+        if (y is None) != (self.label_emb is None):
+            need = "needs y (pooled text + time ids)" if y is None else "takes no y (it has no label_emb)"
+            raise ConfigError(f"this UNet ({self.config.family}) {need}")
+        dtype = self.time_embed[0].weight.dtype
+        t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
+        emb = self.time_embed(timestep_embedding(t.expand(bf) if t.numel() == 1 else t, self.config.model_channels).to(dtype))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y.to(dtype))
+        context = context.to(dtype)
+        pool = num_frames if pool_resnet_norms and num_frames > 1 else None
+
+        def hook(block: UNetBlock) -> MotionHook | None:
+            return motion.site(block.site) if motion is not None and block.site else None
+
+        h, skips = x.to(dtype), []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context, pool, num_frames, hook(block))
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context, pool, num_frames, hook(self.middle_block))
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            size = skips[-1].shape[-2:] if skips else None
+            h = self._run(block, h, emb, context, pool, num_frames, hook(block), size)
+        return self.out[2](F.silu(group_norm(h, self.out[0], pool)))
