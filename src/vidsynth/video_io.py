@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
+from itertools import islice
 from pathlib import Path
 
 import av
@@ -26,6 +27,7 @@ Frames = Sequence[Image.Image] | np.ndarray | torch.Tensor
 AV_CODECS = {".mp4": ("mp4", "libx264", 51, 18), ".webm": ("webm", "libvpx-vp9", 63, 31)}  # format, codec, max crf, default crf
 PILLOW_FORMATS = {".gif": "GIF", ".webp": "WEBP"}
 SUPPORTED = "'.mp4', '.webm', '.gif', '.webp', or a path without extension / ending in '/' for a folder of PNG frames"
+BT601_SMPTE170M, LIMITED_RANGE = 6, 1  # FFmpeg's AVCOL_PRI/TRC/SPC_SMPTE170M and AVCOL_RANGE_MPEG
 FRAME_NAME = "frame_{:05d}.png"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 OUT_OF_RANGE_SLACK = 1e-2  # decoders overshoot [0, 1] slightly; larger excursions mean the caller passed [-1, 1] or 0..255
@@ -47,7 +49,7 @@ def save_video(frames: Frames, path: str | os.PathLike, fps: float = 16, quality
     (f, 3, h, w) / (f, h, w, 3) tensor, uint8 or float in [0, 1] (for the pipeline's [-1, 1] use ``frames_to_pil``).
     quality: 0 (smallest) .. 10 (best), as in DiffSynth/imageio; mapped to crf = (1 - quality/10) * max crf for
     mp4/webm and to Pillow quality 10*quality for webp; None means crf 18 (mp4), crf 31 (webm), webp quality 90.
-    gif and png are lossless given the 256-colour gif palette and ignore it.
+    gif (a 256-colour palette per frame) and png ignore it.
     loop: gif/webp repeat forever, or play once; video containers have no such flag and ignore it.
 
     .mp4 is H.264 (libx264, yuv420p) and .webm is VP9, both playable everywhere. yuv420p needs even sizes, so an odd
@@ -66,7 +68,7 @@ def save_video(frames: Frames, path: str | os.PathLike, fps: float = 16, quality
         raise ConfigError(f"fps must be a positive finite number, got {fps!r}")
     if quality is not None and not (isinstance(quality, (int, float)) and 0 <= quality <= 10):
         raise ConfigError(f"quality must be between 0 (smallest file) and 10 (best) or None, got {quality!r}")
-    count, height, width, arrays = _frame_arrays(frames)
+    height, width, arrays = _frame_arrays(frames)
     if to_folder and out.is_file():
         raise VidsynthError(f"cannot write PNG frames to {str(out)!r}: it is an existing file; choose a folder path")
     if not to_folder and out.is_dir():
@@ -95,20 +97,14 @@ def load_video(path: str | os.PathLike, *, max_frames: int | None = None) -> lis
     natural order), as RGB images; at most ``max_frames`` of them from the start."""
     if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
         raise ConfigError(f"max_frames must be a positive integer or None, got {max_frames!r}")
-    limit = max_frames or math.inf
     src = _existing(path)
     if src.is_dir():
-        return [_read_image(f).convert("RGB") for f in _image_files(src)[: max_frames]]
+        return [_read_image(f).convert("RGB") for f in _image_files(src)[:max_frames]]
     if src.suffix.lower() in PILLOW_FORMATS:
         with _open_pillow(src) as im:
-            return [frame.convert("RGB") for i, frame in zip(range(max_frames or im.n_frames), ImageSequence.Iterator(im))]
-    images: list[Image.Image] = []
+            return [frame.convert("RGB") for frame in islice(ImageSequence.Iterator(im), max_frames)]
     with _open_av(src) as container:
-        for frame in container.decode(video=0):
-            images.append(frame.to_image())
-            if len(images) >= limit:
-                break
-    return images
+        return [frame.to_image() for frame in islice(container.decode(video=0), max_frames)]
 
 
 def video_info(path: str | os.PathLike) -> dict[str, int | float | None]:
@@ -135,8 +131,8 @@ def video_info(path: str | os.PathLike) -> dict[str, int | float | None]:
                 "fps": float(rate) if rate else None}
 
 
-def _frame_arrays(frames: Frames) -> tuple[int, int, int, Iterator[np.ndarray]]:
-    """Validate ``frames`` up front; returns (count, height, width, iterator of (h, w, 3) uint8 frames) so that long
+def _frame_arrays(frames: Frames) -> tuple[int, int, Iterator[np.ndarray]]:
+    """Validate ``frames`` up front; returns (height, width, iterator of (h, w, 3) uint8 frames) so that long
     videos are converted one frame at a time."""
     if isinstance(frames, torch.Tensor):
         if frames.ndim == 4 and frames.shape[1] == 3 and frames.shape[-1] != 3:
@@ -155,7 +151,7 @@ def _frame_arrays(frames: Frames) -> tuple[int, int, int, Iterator[np.ndarray]]:
                                   "with (x + 1) / 2 (or use frames_to_pil) and 0..255 with x / 255")
         array = frames
         convert = (lambda f: f) if array.dtype == np.uint8 else (lambda f: (np.clip(f, 0, 1) * 255 + 0.5).astype(np.uint8))
-        return len(array), array.shape[1], array.shape[2], (np.ascontiguousarray(convert(f)) for f in array)
+        return array.shape[1], array.shape[2], (np.ascontiguousarray(convert(f)) for f in array)
     try:
         images = [] if isinstance(frames, (str, bytes)) else list(frames)
     except TypeError:
@@ -167,7 +163,7 @@ def _frame_arrays(frames: Frames) -> tuple[int, int, int, Iterator[np.ndarray]]:
     if len(sizes) > 1:
         raise ConfigError(f"all video frames must have the same size, got sizes {sorted(sizes)}")
     width, height = images[0].size
-    return len(images), height, width, (np.asarray(im.convert("RGB")) for im in images)
+    return height, width, (np.asarray(im.convert("RGB")) for im in images)
 
 
 def _write_av(tmp: Path, arrays: Iterator[np.ndarray], width: int, height: int, fps: float, quality: float | None,
@@ -177,6 +173,9 @@ def _write_av(tmp: Path, arrays: Iterator[np.ndarray], width: int, height: int, 
     with av.open(str(tmp), mode="w", format=container_format) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width + pad_w, height + pad_h, "yuv420p"
+        context = stream.codec_context  # PyAV converts RGB with BT.601 limited range; say so, or players may guess BT.709
+        context.color_primaries = context.color_trc = context.colorspace = BT601_SMPTE170M
+        context.color_range = LIMITED_RANGE
         stream.options = {"crf": str(crf)} | ({"b": "0", "row-mt": "1", "cpu-used": "4"} if codec == "libvpx-vp9" else {})
         for index, array in enumerate(arrays):
             if pad_h or pad_w:
