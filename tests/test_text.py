@@ -71,20 +71,24 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def test_clip_l_layout_matches_transformers():
-    ours = randomise(CLIPTextModel(tiny("quick_gelu", None, "hf")))
-    ref = load_into(transformers.CLIPTextModel(hf_config("quick_gelu", None)), ours.state_dict())
+@pytest.mark.parametrize("projection", [None, 32])  # 32: the HF layout of diffusers' text_encoder_2
+def test_clip_l_layout_matches_transformers(projection):
+    ours = randomise(CLIPTextModel(tiny("quick_gelu", projection, "hf")))
+    hf_class = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    ref = load_into(hf_class(hf_config("quick_gelu", projection)), ours.state_dict())
     ids = prompt_ids(pad=EOS)
     out = ref(input_ids=ids, output_hidden_states=True)
 
     hidden, pooled = ours(ids)  # SD 1.5, clip skip 1
     assert_close(hidden, out.last_hidden_state)
-    assert_close(pooled, out.pooler_output)
+    assert_close(pooled, out.text_embeds if projection else out.pooler_output)
     hidden, pooled2 = ours(ids, hidden_layer=-2, final_norm=False)  # SDXL's first encoder
     assert_close(hidden, out.hidden_states[-2])
     assert torch.equal(pooled, pooled2)  # pooled always comes from the last layer
     hidden, _ = ours(ids, hidden_layer=-2)  # SD 1.5, clip skip 2
-    assert_close(hidden, ref.final_layer_norm(out.hidden_states[-2]))
+    final_layer_norm = ref.text_model.final_layer_norm if projection else ref.final_layer_norm
+    assert_close(hidden, final_layer_norm(out.hidden_states[-2]))
+    assert TextEncoderConfig.from_state_dict(ours.state_dict()).projection_dim == projection
 
 
 def open_clip_to_hf(state: dict[str, torch.Tensor], reference: nn.Module) -> dict[str, torch.Tensor]:
