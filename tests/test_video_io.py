@@ -2,7 +2,6 @@
 failed save leaves the folder exactly as it was."""
 from __future__ import annotations
 
-import os
 import tempfile
 import types
 from pathlib import Path
@@ -13,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from vidsynth import video_io
 from vidsynth.errors import ConfigError, VidsynthError
 from vidsynth.video_io import frames_to_pil, load_video, save_video, video_info
 
