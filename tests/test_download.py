@@ -62,7 +62,8 @@ class FakeHub:
         body = bytearray(CONTENT)
         if self.corrupt:
             body[len(body) // 3] ^= 0xFF
-        hf = {"X-Repo-Commit": "a" * 40, "ETag": f'"{sha}"', "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(body))}
+        hf = {"X-Repo-Commit": "a" * 40, "ETag": f'"{sha}"', "X-Linked-Etag": f'"{sha}"',
+              "X-Linked-Size": str(len(body))}
         self.send(req, bytes(body), head, hf if source == "HuggingFace" else {}, ranged=True)
 
     def send(self, req, data: bytes, head: bool, headers: dict, ranged: bool = False) -> None:
@@ -177,7 +178,7 @@ def test_table_size_that_disagrees_with_the_server_is_an_error(hub, tmp_path, mo
 def test_first_source_failing_falls_back_to_the_second(hub, tmp_path, caplog):
     hub.failing = {"HuggingFace"}
     with caplog.at_level(logging.WARNING, logger="vidsynth.download"):
-        (path,) = download.download_models(["tiny"], tmp_path, progress=False)
+        (path,) = download.download_models(["tiny"], tmp_path)  # with progress bars
     assert path.read_bytes() == CONTENT
     assert "HuggingFace could not deliver tiny/model.bin" in caplog.text and "500" in caplog.text
     assert "trying ModelScope" in caplog.text

@@ -95,7 +95,7 @@ def parse_presets(table: Any) -> dict[str, Preset]:
         raise ConfigError("the preset table needs a non-empty 'presets' mapping")
     for name, entry in entries.items():
         if not isinstance(entry, Mapping) or set(entry) - _PRESET_KEYS or not entry.get("about"):
-            raise ConfigError(f"preset {name!r} must be a mapping with 'about' and only the keys {sorted(_PRESET_KEYS)}")
+            raise ConfigError(f"preset {name!r}: needs 'about'; allowed keys are {sorted(_PRESET_KEYS)}")
     own = {name: tuple(_parse_file(name, raw) for raw in entry.get("files") or ()) for name, entry in entries.items()}
     result: dict[str, Preset] = {}
     for name, entry in entries.items():
@@ -130,7 +130,8 @@ def _parse_file(preset: str, raw: Any) -> PresetFile:
         repo = spec.get("repo") if isinstance(spec, Mapping) else None
         if not isinstance(repo, str) or repo.count("/") != 1 or "" in repo.split("/"):
             raise ConfigError(f"{where}: {source} needs a repo like 'owner/name', got {spec!r}")
-        remotes.append(Remote(source, repo, spec.get("file") or pure.name, spec.get("revision") or DEFAULT_REVISION[source]))
+        revision = spec.get("revision") or DEFAULT_REVISION[source]
+        remotes.append(Remote(source, repo, spec.get("file") or pure.name, revision))
     if not remotes:
         raise ConfigError(f"{where}: no source (one of {SOURCES})")
     for key in ("size", "approx_size"):
@@ -183,7 +184,7 @@ def download_models(
     if bad := [s for s in sources if s.lower() not in known]:
         raise ConfigError(f"unknown download sources {bad}: use some of {SOURCES}")
     order = [known[s.lower()] for s in sources]
-    root = Path(models_dir)
+    root = Path(models_dir).expanduser()
     paths: list[Path] = []
     for preset in resolve(names):
         for file in preset.files:
@@ -227,7 +228,8 @@ def download_url(remote: Remote) -> str:
         from huggingface_hub import hf_hub_url
 
         return hf_hub_url(remote.repo, remote.file, revision=remote.revision, endpoint=_hf_endpoint())
-    return f"{_modelscope_repo_api(remote)}?Revision={quote(remote.revision, safe='')}&FilePath={quote(remote.file, safe='')}"
+    query = f"Revision={quote(remote.revision, safe='')}&FilePath={quote(remote.file, safe='')}"
+    return f"{_modelscope_repo_api(remote)}?{query}"
 
 
 def _hf_endpoint() -> str:
@@ -278,7 +280,8 @@ def _from_modelscope(remote: Remote, file: PresetFile, target: Path, progress: b
             listing = json.load(response)
     except (OSError, ValueError, http.client.HTTPException) as e:
         raise _SourceFailed(listing_url, _reason(e)) from e
-    entries = (listing.get("Data") or {}).get("Files") or [] if isinstance(listing, dict) else []
+    data = listing.get("Data") if isinstance(listing, dict) else None
+    entries = (data.get("Files") if isinstance(data, dict) else None) or []
     entry = next((f for f in entries if isinstance(f, dict) and f.get("Path") == remote.file), None)
     if entry is None:
         raise _SourceFailed(listing_url, f"{remote.file} is not in the repository listing")
@@ -297,7 +300,7 @@ def _http_download(url: str, part: Path, size: int | None, progress: bool) -> No
     """GET ``url`` into ``part``, resuming (HTTP Range) from the bytes it already holds, and again whenever the
     connection breaks off mid-transfer, as long as resumed requests keep bringing bytes."""
     stalls = 0
-    with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[:-5], disable=not progress) as bar:
+    with _bytes_bar(size, part.name.removesuffix(".part"), progress) as bar:
         while True:
             have = part.stat().st_size if part.exists() else 0
             if size is not None and have >= size:
@@ -354,12 +357,15 @@ def _install(src: Path, target: Path, size: int | None, sha256: str | None, url:
 
 def _sha256(path: Path, progress: bool) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
-                                     desc=f"verify {path.name}", disable=not progress) as bar:
+    with open(path, "rb") as f, _bytes_bar(path.stat().st_size, f"verify {path.name}", progress) as bar:
         while chunk := f.read(CHUNK * 8):
             digest.update(chunk)
             bar.update(len(chunk))
     return digest.hexdigest()
+
+
+def _bytes_bar(total: int | None, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress)
 
 
 def _agree(url: str, what: str, table: Any, server: Any) -> Any:
