@@ -119,11 +119,33 @@ class ModelManager:
             raise ConfigError(f"{info.path}: a {info.family} model does not fit the {base_family} motion module "
                               "already loaded")
 
-    def load_lora(self, path: str | Path, lora_alpha: float = 1.0):
+    def load_lora(self, path: str | Path, lora_alpha: float = 1.0, *, merge: bool = False):
+        """Attach a LoRA / MotionLoRA / domain adapter to the loaded models; the handle is also kept in ``self.loras``.
+        Run-time mode by default (alpha changeable, weights untouched); ``merge=True`` folds it into the weights."""
         from .lora import attach_lora
         lora = attach_lora(self, path, lora_alpha)
+        if merge:
+            lora.merge()
         self.loras.append(lora)
         return lora
+
+    def _lora(self, which):
+        """A loaded LoRA by handle, index in ``self.loras`` or file name (stem)."""
+        if isinstance(which, int):
+            return self.loras[which]
+        found = [lora for lora in self.loras if lora is which or lora.name == which]
+        if not found:
+            raise ConfigError(f"no loaded LoRA {which!r}; loaded: {[lora.name for lora in self.loras]}")
+        return found[0]
+
+    def set_lora_alpha(self, which, alpha: float) -> None:
+        self._lora(which).alpha = alpha
+
+    def remove_lora(self, which) -> None:
+        """Take a LoRA off the models (unmerged first if merged); the base weights need no reloading."""
+        lora = self._lora(which)
+        lora.remove()
+        self.loras.remove(lora)
 
     # ---------------------------------------------------------------------------------------------- accessors
     def fetch_model(self, name: str) -> nn.Module | None:
