@@ -18,7 +18,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 from vidsynth.errors import ConfigError  # noqa: E402
 from vidsynth.sampling import (  # noqa: E402
-    PRESETS,
     SAMPLERS,
     SamplerConfig,
     NoiseSchedule,
@@ -87,15 +86,15 @@ def assert_same_timesteps(ours: torch.Tensor, theirs: torch.Tensor, cfg: Sampler
 
 
 CASES = [
-    (SamplerConfig(), 10),  # AnimateDiff v1/v2/v3 default
+    (SamplerConfig(), 10),  # AnimateDiff v1/v2/v3
     (SamplerConfig(), 7),  # 1000 % 7 != 0
     (SamplerConfig(timestep_spacing="trailing"), 6),
     (SamplerConfig(timestep_spacing="linspace", beta_schedule="scaled_linear"), 9),  # DDIM's prev != next timestep
     (SamplerConfig(eta=0.7), 8),
     (SamplerConfig(eta=1.0, timestep_spacing="trailing"), 5),
     (SamplerConfig(prediction_type="v_prediction"), 6),
-    (PRESETS["animatediff_sdxl"], 8),
-    (PRESETS["animatediff_lightning"], 4),
+    (SamplerConfig(sampler="euler", beta_schedule="scaled_linear", beta_end=0.020), 8),  # SDXL beta module
+    (SamplerConfig(sampler="euler", timestep_spacing="trailing"), 4),  # AnimateDiff-Lightning
     (SamplerConfig(sampler="euler", timestep_spacing="linspace"), 9),  # fractional timesteps
     (SamplerConfig(sampler="euler", karras=True, beta_schedule="scaled_linear"), 12),
     (SamplerConfig(sampler="euler", timestep_spacing="trailing", prediction_type="v_prediction"), 5),
@@ -106,7 +105,8 @@ CASES = [
     (SamplerConfig(sampler="dpmpp_2m", karras=True, timestep_spacing="trailing"), 20),  # >= 15 steps: another branch
     (SamplerConfig(sampler="dpmpp_2m", timestep_spacing="linspace"), 7),
     (SamplerConfig(sampler="dpmpp_2m", timestep_spacing="trailing", prediction_type="v_prediction"), 6),
-    (PRESETS["animatelcm"], 4),
+    (SamplerConfig(sampler="lcm"), 4),  # AnimateLCM (diffusers model card)
+    (SamplerConfig(sampler="lcm", original_inference_steps=100), 6),  # AnimateLCM's own inference config
     (SamplerConfig(sampler="lcm", beta_schedule="scaled_linear"), 7),
     (SamplerConfig(sampler="lcm", prediction_type="v_prediction"), 3),
 ]
@@ -170,9 +170,10 @@ def test_timesteps_and_sigmas_equal_diffusers(family: str, spacing: str):
             torch.testing.assert_close(plan.sigmas.float(), scheduler.sigmas[:-1], rtol=1e-6, atol=0)
 
 
-def test_lcm_timesteps_equal_diffusers():
-    cfg = PRESETS["animatelcm"]
-    for steps in range(1, 51):
+@pytest.mark.parametrize("original_steps", [50, 100])  # diffusers' default, AnimateLCM's own config
+def test_lcm_timesteps_equal_diffusers(original_steps: int):
+    cfg = SamplerConfig(sampler="lcm", original_inference_steps=original_steps)
+    for steps in range(1, original_steps + 1):
         scheduler = diffusers_scheduler(cfg)
         scheduler.set_timesteps(steps)
         assert sampling_plan(cfg, steps).timesteps.tolist() == scheduler.timesteps.double().tolist(), steps

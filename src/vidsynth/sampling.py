@@ -87,19 +87,6 @@ class SamplerConfig:
         return NoiseSchedule.from_betas(self.beta_schedule, self.beta_start, self.beta_end, self.num_train_timesteps)
 
 
-# The original settings of the motion modules (each one's default; users may override any field).
-PRESETS: dict[str, SamplerConfig] = {
-    # guoyww/AnimateDiff configs/inference/inference-v1/v2/v3.yaml: DDIM, linear betas, steps_offset 1
-    "animatediff": SamplerConfig(),
-    # guoyww/AnimateDiff sdxl branch (mm_sdxl_v10_beta): Euler, leading, steps_offset 1, scaled_linear to 0.020
-    "animatediff_sdxl": SamplerConfig(sampler="euler", beta_schedule="scaled_linear", beta_end=0.020),
-    # AnimateLCM model card: LCMScheduler with beta_schedule="linear"
-    "animatelcm": SamplerConfig(sampler="lcm"),
-    # AnimateDiff-Lightning model card: EulerDiscreteScheduler, timestep_spacing="trailing", beta_schedule="linear"
-    "animatediff_lightning": SamplerConfig(sampler="euler", timestep_spacing="trailing"),
-}
-
-
 @dataclass(frozen=True)
 class SamplingPlan:
     timesteps: Tensor  # (steps,) float64: the train timestep the denoiser is told at each step
