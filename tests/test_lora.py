@@ -13,7 +13,7 @@ from test_motion import TINY_SITES, tiny_set
 from test_unet import TINY_SD15, diffusers_twin, random_unet
 from vidsynth.checkpoints import Checkpoint
 from vidsynth.errors import CheckpointError, ConfigError
-from vidsynth.lora import build_lora, unet_block_map, unet_name_map
+from vidsynth.lora import NameMap, build_lora, unet_name_map
 from vidsynth.manager import ModelManager
 from vidsynth.models.motion import MotionConfig, MotionModuleSet
 from vidsynth.models.text import CLIPTextModel, OpenCLIPTextModel, TextEncoderConfig
@@ -86,9 +86,9 @@ def test_full_size_files_touch_exactly_their_layers(file, full_checkpoint, sd15_
         expected |= names(sd15_meta, "text_encoder", r"(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
         assert len(expected) == 16 * 12 + 12 * 6
     assert len(lora.targets) == len(set(lora.targets)) and set(lora.targets) == expected
-    kohya = file.startswith("kohya")  # the file's .alpha = rank: scale 1, as for the AnimateDiff files
-    assert all(layer.scale == 1.0 and layer.down.is_meta for layer in lora.layers)
-    assert ("dtype", kohya) and lora.layers[0].down.dtype == torch.float32  # cast to the model's dtype
+    # the kohya file's .alpha = rank: scale 1, as for the AnimateDiff files; pairs sit on the model's device/dtype
+    assert all(layer.scale == 1.0 and layer.down.is_meta and layer.up.dtype == torch.float32 for layer in lora.layers)
+    assert Checkpoint(path).main_dtype() == (torch.float16 if file.startswith("kohya") else torch.float32)
     manager.remove_lora(lora)
     assert not manager.loras and not any("_lora_site" in m.__dict__ for m in sd15_meta["unet"].modules())
 
@@ -117,6 +117,12 @@ def test_name_map_covers_every_layer_of_sdxl(shared_dir):
     assert mapped["up_blocks.1.upsamplers.0.conv"] == "output_blocks.5.2.conv"
     assert mapped["down_blocks.0.downsamplers.0.conv"] == "input_blocks.3.0.op"
     assert mapped["add_embedding.linear_2"] == "label_emb.0.2"
+    resolve = NameMap({"unet": sdxl}).resolve  # kohya's SDXL scripts name the UNet in the LDM layout
+    assert resolve("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q").name == \
+        resolve("lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q").name == \
+        "input_blocks.4.1.transformer_blocks.1.attn1.to_q"
+    assert resolve("lora_unet_down_blocks_1_resnets_0_conv_shortcut").name == "input_blocks.4.0.skip_connection"
+    assert resolve("lora_unet_down_blocks_3_attentions_0_proj_in") is None  # SDXL has 3 levels
 
 
 # ------------------------------------------------------------------------------------------ tiny, with weights
@@ -161,6 +167,18 @@ def test_kohya_lora_matches_diffusers_peft():
     assert len(lora.targets) == len(targets)
     assert max_rel_error(ours, theirs) < TOLERANCE
     assert max_rel_error(ours, base) > 0.05  # the LoRA matters
+    # the same LoRA in diffusers' own forms (old ".lora.down", peft "lora_A") with ".alpha" keys
+    lora.remove()
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    peft_form = convert_unet_state_dict_to_peft(converted)
+    peft_form |= {k.replace("lora_A.weight", "alpha"): torch.tensor(2.0) for k in peft_form if "lora_A" in k}
+    old_form = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in peft_form.items()}
+    for state in (peft_form, old_form):
+        lora = build_lora({"unet": model}, state, alpha=0.7)
+        with torch.no_grad():
+            assert lora.kind == "lora_diffusers" and max_rel_error(model(x, t, context), theirs) < TOLERANCE
+        lora.remove()
 
 
 def motion_lora_state(motion: MotionModuleSet, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
