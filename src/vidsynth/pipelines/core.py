@@ -96,7 +96,8 @@ class VideoPipeline:
         cond = self.encode_prompts(prompts, clip_skip=clip_skip, height=height, width=width, **extra)
         shape = (1, 4, num_frames, height // 8, width // 8)
         noise = latents if latents is not None else torch.randn(shape, generator=generator, dtype=torch.float32)
-        x = noise.to(self.device, torch.float32)[0].transpose(0, 1).contiguous()  # (f, 4, h, w)
+        # the sampler sees (1, 4, f, h, w) like diffusers, so its extra noise draws (eta, ancestral, LCM) match
+        x = noise.to(self.device, torch.float32)
 
         eps = self.make_denoiser(cond, cfg_scale, num_frames, window, context_overlap, closed_loop, motion_scale)
         bar = tqdm(total=steps, desc="denoising", disable=not progress_bar)
@@ -105,8 +106,8 @@ class VideoPipeline:
         finally:
             bar.close()
         if output_type == "latent":
-            return x0.transpose(0, 1).unsqueeze(0)
-        return self.decode(x0, output_type=output_type, batch_size=vae_batch_size, tiled=tiled,
+            return x0
+        return self.decode(x0[0].transpose(0, 1), output_type=output_type, batch_size=vae_batch_size, tiled=tiled,
                            progress_bar=progress_bar)
 
     # ------------------------------------------------------------------------------------------- sampling
@@ -137,7 +138,8 @@ class VideoPipeline:
             motion.scale = motion_scale
         pool_norms = motion is not None and motion.config.pool_resnet_norms
 
-        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def eps(video: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x = video[0].transpose(0, 1)  # (f, 4, h, w): frames folded into the batch
             total = torch.zeros_like(x)
             weight_sum = torch.zeros(num_frames, device=x.device, dtype=x.dtype)
             for frames in windows:
@@ -155,7 +157,7 @@ class VideoPipeline:
                 w = weights[:length] if len(windows) > 1 else torch.ones(length, device=x.device)
                 total[frames] += out * w[:, None, None, None]
                 weight_sum[frames] += w
-            return total / weight_sum[:, None, None, None]
+            return (total / weight_sum[:, None, None, None]).transpose(0, 1).unsqueeze(0)
 
         return eps
 
