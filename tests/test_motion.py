@@ -221,6 +221,11 @@ def test_files_without_pe_tables(shared_dir):
     with torch.device("meta"):
         motion = MotionModuleSet(config)
     assert set(motion.state_dict()) == set(v1)
+    motion.load_state_dict({k: torch.empty(shape, device="meta") for k, shape in v1.items()}, strict=True, assign=True)
+    table = motion.up_blocks[3].motion_modules[2].temporal_transformer.transformer_blocks[0] \
+        .attention_blocks[0].pos_encoder.pe
+    torch.testing.assert_close(table, sinusoid_table(24, 320))
+    assert hash(config) == hash(MotionConfig.from_state_dict(v1, filename="/AnimateLCM/mm_sd_v14.ckpt"))
 
 
 def test_unknown_layouts_are_named(shared_dir):

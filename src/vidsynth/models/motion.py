@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -79,7 +80,7 @@ def _site_order(name: str) -> tuple[int, int, int]:
 class MotionConfig:
     version: str
     version_reason: str
-    sites: dict[str, int]
+    sites: dict[str, int] = field(hash=False)
     pe_length: int
     heads: int = 8
     pe_in_file: bool = True  # False for re-saved files without pos_encoder.pe: the tables are then built, not loaded
@@ -186,7 +187,7 @@ def _pick_version(family: str, has_mid: bool, pe_length: int | None, filename: s
                 f"{'with' if want_mid else 'without'} a mid module, but {filename or 'the file'} has {layout}; "
                 f"leave version unset to read it off the file")
         return version, f"{layout}; version {version!r} given explicitly"
-    name = (filename or "").lower()
+    name = PurePath(filename or "").name.lower()
     if family == "sdxl":
         return "sdxl_beta", f"{layout}: SDXL beta layout"
     if has_mid:
@@ -328,6 +329,13 @@ class MotionModuleSet(nn.Module):
     @staticmethod
     def _blocks(levels: dict[int, dict[int, int]], make: Callable[[int], MotionModule]) -> nn.ModuleList:
         return nn.ModuleList(_MotionBlock([make(c) for _, c in sorted(levels[i].items())]) for i in sorted(levels))
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        for module in self.modules():  # files without pos_encoder.pe: a set built on "meta" still needs its tables
+            if isinstance(module, PositionalEncoding) and module.pe.is_meta:
+                module.pe = sinusoid_table(*module.pe.shape[1:])
+        return result
 
     @classmethod
     def new(cls, config: MotionConfig) -> "MotionModuleSet":
