@@ -34,6 +34,8 @@ class SDXLVideoPipeline(VideoPipeline):
         original_size = original_size or (height, width)
         target_size = target_size or (height, width)
         ids = torch.tensor([*original_size, *crops_coords_top_left, *target_size], device=self.device)
-        time_embeds = timestep_embedding(ids, 256).reshape(1, -1).expand(len(prompts), -1)
+        # each of the six ids gets a sinusoidal embedding; SDXL base gives them 256 channels each (2816 = 1280 + 6*256)
+        per_id = (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6
+        time_embeds = timestep_embedding(ids, per_id).reshape(1, -1).expand(len(prompts), -1)
         y = torch.cat([pooled.float(), time_embeds], dim=-1)
         return Conditioning(context=torch.cat(hiddens, dim=-1).to(self.dtype), y=y.to(self.dtype))
