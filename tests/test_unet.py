@@ -239,7 +239,8 @@ def test_full_size_sd15_checkpoint_loads_strict_and_runs(full_checkpoint):
     from vidsynth.checkpoints import Checkpoint
 
     checkpoint = Checkpoint(full_checkpoint("v1-5-pruned-emaonly.safetensors", dtype="float16"))
-    config = UNetConfig.from_state_dict({k[len(PREFIX):]: v for k, v in checkpoint.shapes.items() if k.startswith(PREFIX)})
+    shapes = {k[len(PREFIX):]: v for k, v in checkpoint.shapes.items() if k.startswith(PREFIX)}
+    config = UNetConfig.from_state_dict(shapes)
     assert config.family == "sd15"
     with torch.device("meta"):
         model = UNetModel(config)

@@ -110,7 +110,7 @@ class ResBlock(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention (``attn1``), cross-attention on ``context`` (``attn2``) and GEGLU ``ff``, each residual."""
+    """Pre-norm self-attention ``attn1``, cross-attention ``attn2`` on ``context``, GEGLU ``ff``; each residual."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
         super().__init__()

@@ -52,7 +52,9 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         if len(self.transformer_depth) != len(self.channel_mult):
-            raise ConfigError(f"transformer_depth {self.transformer_depth} needs one entry per level of {self.channel_mult}")
+            raise ConfigError(
+                f"transformer_depth {self.transformer_depth} needs one entry per level of {self.channel_mult}"
+            )
         if (self.num_heads is None) == (self.num_head_channels is None):
             raise ConfigError("give exactly one of num_heads and num_head_channels")
         if self.transformer_depth_middle < 1:
@@ -93,8 +95,9 @@ class UNetConfig:
         downs = sorted(int(k.split(".")[1]) for k in shapes if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
         per_level = downs[0] if downs else n_in  # res blocks + the downsampler (or the input conv at level 0)
         levels = len(downs) + 1
-        if n_in != levels * per_level or n_out != levels * per_level or downs != [per_level * (i + 1) for i in range(levels - 1)]:
-            raise CheckpointError(f"UNet blocks do not form an LDM level structure ({n_in} input, {n_out} output blocks)")
+        expected_downs = [per_level * (i + 1) for i in range(levels - 1)]
+        if n_in != levels * per_level or n_out != levels * per_level or downs != expected_downs:
+            raise CheckpointError(f"UNet blocks do not form LDM levels ({n_in} input, {n_out} output blocks)")
         nrb = per_level - 1
 
         depth: dict[str, int] = {}
@@ -107,7 +110,7 @@ class UNetConfig:
             outputs = [f"output_blocks.{(levels - 1 - level) * per_level + j}.1" for j in range(per_level)]
             found = {depth.get(p, 0) for p in inputs + outputs}
             if len(found) != 1:
-                raise CheckpointError(f"transformer depth varies within UNet level {level}: {sorted(found)} (unsupported)")
+                raise CheckpointError(f"transformer depth varies within level {level}: {sorted(found)}; unsupported")
             level_depth.append(found.pop())
         mult = [shapes[f"input_blocks.{level * per_level + 1}.0.out_layers.3.weight"][0] for level in range(levels)]
         if any(c % mc for c in mult):
@@ -134,7 +137,8 @@ class UNetBlock(nn.ModuleList):
     """One ``input_blocks`` / ``middle_block`` / ``output_blocks`` entry. Its motion ``site`` (if any) runs before
     layer ``hook_at`` (``len(self)`` = after the last layer): after resnet+attention, before an Upsample."""
 
-    def __init__(self, layers: Sequence[nn.Module], site: str | None = None, channels: int = 0, hook_at: int | None = None):
+    def __init__(self, layers: Sequence[nn.Module], site: str | None = None, channels: int = 0,
+                 hook_at: int | None = None):
         super().__init__(layers)
         self.site, self.site_channels = site, channels
         self.hook_at = len(layers) if hook_at is None else hook_at
@@ -233,7 +237,8 @@ class UNetModel(nn.Module):
             raise ConfigError(f"this UNet ({self.config.family}) {need}")
         dtype = self.time_embed[0].weight.dtype
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
-        emb = self.time_embed(timestep_embedding(t.expand(bf) if t.numel() == 1 else t, self.config.model_channels).to(dtype))
+        t = t.expand(bf) if t.numel() == 1 else t
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
         if self.label_emb is not None:
             emb = emb + self.label_emb(y.to(dtype))
         context = context.to(dtype)
