@@ -1,0 +1,152 @@
+"""Training configuration: one flat YAML mapping onto :class:`TrainConfig`; every key has a default except the data.
+
+Defaults follow guoyww/AnimateDiff's ``configs/training`` (AdamW 1e-4, weight decay 1e-2, grad-norm clip 1.0,
+linear betas 0.00085..0.012, 10% empty captions, 16 frames at stride 4, epsilon loss).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+STAGES = ("domain-adapter", "motion-module", "motion-lora")
+OUTPUT_NAMES = {"domain-adapter": "domain_adapter.ckpt", "motion-module": "motion_module.ckpt",
+                "motion-lora": "motion_lora.ckpt"}
+DEFAULT_RANKS = {"domain-adapter": 128, "motion-lora": 64}  # the ranks of v3_sd15_adapter and the v2 MotionLoRAs
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_root: str = ""                       # folder of videos (mp4/webm/gif/webp) and/or folders of frames
+    captions: str | None = None               # CSV or JSONL (path,caption); default: captions.csv/.jsonl in data_root
+    frames: int = 16                          # frames per clip (the domain adapter trains on single frames)
+    stride: int = 4                           # take every stride-th frame of the video
+    size: int | list[int] = 256               # frame height and width (an int: square); resized, centre-cropped
+    on_bad_data: str = "skip"                 # "skip": report by path and leave out; "error": refuse to start
+    cache_latents: bool = False               # encode every video once and train on the stored latents
+    latent_cache_dir: str | None = None       # default: <output_dir>/latent_cache
+    caption_dropout: float = 0.1              # share of empty captions (classifier-free guidance)
+    num_workers: int = 0                      # data-loader worker processes
+    # models
+    base: str | None = None                   # SD 1.5 single-file checkpoint (UNet, VAE, text encoder)
+    vae: str | None = None                    # optional separate VAE file
+    motion_module: str | None = None          # start from this file; none: a new one (motion-module stage only)
+    motion_version: str | None = None         # version of the file (read off it when unset) or of a new module
+    new_motion_pe_length: int = 32            # native frame count of a new module
+    rank: int | None = None                   # LoRA rank; default 128 (domain adapter) or 64 (MotionLoRA)
+    # optimisation
+    learning_rate: float = 1e-4
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False               # bitsandbytes' AdamW8bit (must be installed)
+    max_grad_norm: float = 1.0
+    max_steps: int = 2000                     # optimizer steps
+    batch_size: int = 1                       # clips per process and micro-step
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"               # "no", "fp16" or "bf16"; the frozen base is then stored in that dtype
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    device: str | None = None                 # "cpu" forces the CPU; default: what accelerate picks
+    beta_schedule: str = "linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    # output
+    output_dir: str = "train_output"
+    output_name: str | None = None            # default: domain_adapter.ckpt / motion_module.ckpt / motion_lora.ckpt
+    checkpoint_every: int = 500               # intermediate checkpoints (optimizer state, step, RNG)
+    keep_checkpoints: int | None = None       # keep only the newest N
+    resume: str | None = None                 # a checkpoint folder, or "latest" (in output_dir/checkpoints)
+    log_every: int = 1                        # loss-log rows (loss.csv and TensorBoard when installed)
+    validation_every: int = 0                 # 0: only at the end (when prompts are given)
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 25
+    validation_cfg: float = 7.5
+    validation_frames: int | None = None      # default: frames (1 for the domain adapter)
+    validation_size: int | list[int] | None = None  # default: size
+    validation_format: str = "mp4"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.frames >= 1, f"frames must be at least 1, got {self.frames}"),
+            (self.stride >= 1, f"stride must be at least 1, got {self.stride}"),
+            (self.on_bad_data in ("skip", "error"), f"on_bad_data must be 'skip' or 'error', got {self.on_bad_data!r}"),
+            (0 <= self.caption_dropout <= 1, f"caption_dropout must be in [0, 1], got {self.caption_dropout}"),
+            (self.mixed_precision in ("no", "fp16", "bf16"),
+             f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}"),
+            (self.max_steps >= 1 and self.batch_size >= 1 and self.gradient_accumulation_steps >= 1,
+             "max_steps, batch_size and gradient_accumulation_steps must be at least 1"),
+            (self.checkpoint_every >= 1 and self.log_every >= 1 and self.validation_every >= 0,
+             "checkpoint_every and log_every must be at least 1, validation_every at least 0"),
+            (self.rank is None or self.rank >= 1, f"rank must be at least 1, got {self.rank}"),
+            (self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
+            (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        for name in ("size", "validation_size"):
+            value = getattr(self, name)
+            if value is not None and _hw(value) is None:
+                problems.append(f"{name} must be a positive multiple of 8 or [height, width] of such, got {value!r}")
+        if problems:
+            raise ConfigError("training config: " + "; ".join(problems))
+
+    @property
+    def height_width(self) -> tuple[int, int]:
+        return _hw(self.size)
+
+    def validation_height_width(self) -> tuple[int, int]:
+        return _hw(self.validation_size) if self.validation_size is not None else self.height_width
+
+    def lora_rank(self, stage: str) -> int:
+        return self.rank or DEFAULT_RANKS[stage]
+
+    def output_file(self, stage: str) -> Path:
+        return Path(self.output_dir) / (self.output_name or OUTPUT_NAMES[stage])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "training config") -> "TrainConfig":
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(hints)}; known settings are "
+                              f"{', '.join(known)}")
+        return cls(**values)
+
+
+def _hw(value) -> tuple[int, int] | None:
+    pair = [value, value] if isinstance(value, int) else list(value) if isinstance(value, (list, tuple)) else []
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 and v % 8 == 0 for v in pair):
+        return None
+    return pair[0], pair[1]
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a YAML training config; unknown keys and impossible values raise ConfigError naming them."""
+    import yaml
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"training config {str(path)!r} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"training config {str(path)!r} is not valid YAML: {err}") from None
+    try:
+        return TrainConfig.from_dict(values, source=str(path))
+    except TypeError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,382 @@
+"""The training loop on accelerate (CPU, one GPU, several GPUs with DDP): epsilon loss on noised latents.
+
+Reproducibility: the clips, their start frames, the noise, the timesteps and the dropped captions of micro-batch
+``m`` on process ``r`` are drawn from generators seeded by ``(seed, m, r)`` alone, so a resumed run draws exactly
+what the uninterrupted run would have drawn. Checkpoints also keep the global RNG states for anything else.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import random
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from ..errors import ConfigError
+from ..models.text import encode_chunks
+from ..sampling import NoiseSchedule
+from .config import TrainConfig
+from .data import LatentCache, VideoClipDataset, collate
+from .stages import StageSetup, TrainModels, setup_stage
+
+log = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SD15_LATENT_SCALE = 0.18215
+
+
+def derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class StepBatches(Sampler):
+    """Endless micro-batches of ``(index, item seed)`` starting at micro-batch ``start``: sample number ``k`` is
+    position ``k % n`` of epoch ``k // n``'s permutation (seeded by the epoch), so any start point is exact."""
+
+    def __init__(self, n: int, batch: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.batch, self.seed, self.start, self.rank, self.world = n, batch, seed, start, rank, world
+        self._epoch, self._perm = -1, None
+
+    def item(self, k: int) -> tuple[int, int]:
+        epoch, pos = divmod(k, self.n)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(derived_seed(self.seed, epoch)))
+        return int(self._perm[pos]), derived_seed(self.seed, k, 1)
+
+    def __iter__(self):
+        m = self.start
+        while True:
+            first = (m * self.world + self.rank) * self.batch
+            yield [self.item(first + i) for i in range(self.batch)]
+            m += 1
+
+
+class NoisePredictor(nn.Module):
+    """What accelerate wraps (and DDP synchronises): the UNet with the stage's motion modules and trainable part."""
+
+    def __init__(self, unet: nn.Module, setup: StageSetup):
+        super().__init__()
+        self.unet, self.motion, self.trainable = unet, setup.motion, setup.trainable
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        pool = self.motion is not None and self.motion.config.pool_resnet_norms
+        return self.unet(x, timesteps, context, num_frames=num_frames, motion=self.motion, pool_resnet_norms=pool)
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
+
+
+def make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ConfigError("use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`, or set "
+                              "use_8bit_adam: false") from None
+        optimizer = bitsandbytes.optim.AdamW8bit
+    return optimizer(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                     weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+
+
+class Trainer:
+    """One stage's training run. ``run()`` trains to ``max_steps`` (resuming when configured) and returns the file
+    written in the original AnimateDiff layout; ``evaluate()`` gives a deterministic held-out loss."""
+
+    def __init__(self, stage: str, config: TrainConfig, models: TrainModels, *, accelerator=None):
+        self.stage, self.config, self.models = stage, config, models
+        self.accelerator = acc = accelerator or make_accelerator(config)
+        self.device, self.weight_dtype = acc.device, WEIGHT_DTYPES[config.mixed_precision]
+        self.setup = setup = setup_stage(stage, config, models)
+        for module in (models.unet, models.vae, models.text_encoder, setup.motion):
+            if module is not None and module is not setup.trainable:
+                module.to(self.device, self.weight_dtype)
+        setup.trainable.to(self.device, torch.float32)
+        for module in (models.unet, setup.motion):
+            if module is not None:
+                module.gradient_checkpointing = config.gradient_checkpointing
+        models.vae.eval()
+        models.text_encoder.eval()
+        if not hasattr(models.vae, "scaling_factor"):  # ModelManager sets it; a VAE built directly has none
+            models.vae.scaling_factor = SD15_LATENT_SCALE
+        self.latent_scale = models.vae.scaling_factor
+        self.alphas = NoiseSchedule.from_betas(config.beta_schedule, config.beta_start,
+                                               config.beta_end).alphas_cumprod.to(self.device)
+        self.dataset = self.make_dataset(config.data_root, config.captions, on_bad_data=config.on_bad_data)
+        self.params = [p for p in setup.trainable.parameters() if p.requires_grad]
+        self.model, self.optimizer = acc.prepare(NoisePredictor(models.unet, setup), make_optimizer(config, self.params))
+        self.out_dir = Path(config.output_dir)
+        self.tensorboard = None
+
+    # ------------------------------------------------------------------------------------------------- data
+    def make_dataset(self, root, captions=None, *, on_bad_data: str = "skip") -> VideoClipDataset:
+        """A dataset with this run's clip settings (frames, stride, size), e.g. for held-out data."""
+        return VideoClipDataset(root, captions, frames=self.setup.frames, stride=self.config.stride,
+                                size=self.config.height_width, on_bad_data=on_bad_data)
+
+    def _cache_latents(self) -> None:
+        folder = self.config.latent_cache_dir or self.out_dir / "latent_cache"
+        cache = LatentCache(folder, self.models.vae, self.config.height_width)
+        with self.accelerator.main_process_first():
+            encoded = cache.build(self.dataset.samples)
+        if encoded:
+            log.info("cached the latents of %d videos in %s", encoded, folder)
+        self.dataset.cache = cache
+
+    @torch.no_grad()
+    def _inputs(self, batch: dict, generator: torch.Generator, caption_dropout: float):
+        """Scaled latents ``(b*f, 4, h, w)``, text context ``(b, tokens, dim)`` and the batch's clip count."""
+        if "latents" in batch:
+            latents = batch["latents"].to(self.device, self.weight_dtype)
+        else:
+            pixels = batch["pixels"].to(self.device, self.weight_dtype)
+            latents = self.models.vae.encode(pixels.flatten(0, 1))
+        latents = latents.flatten(0, 1) if latents.ndim == 5 else latents
+        captions = list(batch["caption"])
+        drop = torch.rand(len(captions), generator=generator) < caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        ids = self.models.tokenizer.chunks(captions).to(self.device)
+        context, _ = encode_chunks(self.models.text_encoder, ids)
+        return latents.float() * self.latent_scale, context, len(captions)
+
+    def loss(self, batch: dict, generator: torch.Generator, caption_dropout: float = 0.0) -> torch.Tensor:
+        """Epsilon-prediction MSE of one batch; every random draw comes from ``generator`` (on the CPU)."""
+        latents, context, clips = self._inputs(batch, generator, caption_dropout)
+        frames = latents.shape[0] // clips
+        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        t = torch.randint(0, self.alphas.numel(), (clips,), generator=generator).to(self.device)
+        a = self.alphas[t].repeat_interleave(frames)[:, None, None, None]
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        pred = self.model(noisy.to(self.weight_dtype), t.repeat_interleave(frames),
+                          context.repeat_interleave(frames, dim=0), frames)
+        return F.mse_loss(pred.float(), noise)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: VideoClipDataset | str | Path | None = None, seed: int = 0) -> float:
+        """Mean loss over every sample of ``dataset`` (a folder, or this run's data) with fixed clips, noise and
+        timesteps for a given ``seed``; no caption dropout."""
+        if dataset is None:
+            dataset = self.dataset
+        elif not isinstance(dataset, VideoClipDataset):
+            dataset = self.make_dataset(dataset)
+        was_training = self.model.training
+        self.model.eval()
+        losses = [self.loss(collate([dataset[(i, derived_seed(seed, i))]]),
+                            torch.Generator().manual_seed(derived_seed(seed, i, 2))).item()
+                  for i in range(len(dataset))]
+        self.model.train(was_training)
+        return float(np.mean(losses))
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def run(self, on_step=None) -> Path:
+        """Train to ``max_steps``; ``on_step(step, loss)`` is called after every optimizer step. An interruption
+        (Ctrl-C) saves a checkpoint of the last finished step before it propagates."""
+        config, acc = self.config, self.accelerator
+        start = self.resume(config.resume) if config.resume else 0
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._start_log(start)
+        if config.cache_latents:
+            self._cache_latents()
+        accum = config.gradient_accumulation_steps
+        batches = StepBatches(len(self.dataset), config.batch_size, config.seed, start * accum,
+                              acc.process_index, acc.num_processes)
+        loader = iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=config.num_workers,
+                                 collate_fn=collate))
+        self.model.train()
+        step = start
+        validated = False
+        try:
+            while step < config.max_steps:
+                lr = config.learning_rate * min(1.0, (step + 1) / config.lr_warmup_steps) \
+                    if config.lr_warmup_steps else config.learning_rate
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                total = torch.zeros((), device=self.device)
+                for micro in range(accum):
+                    m = step * accum + micro
+                    generator = torch.Generator().manual_seed(derived_seed(config.seed, m, acc.process_index, 3))
+                    sync = nullcontext() if micro == accum - 1 else acc.no_sync(self.model)
+                    with sync:
+                        loss = self.loss(next(loader), generator, config.caption_dropout)
+                        acc.backward(loss / accum)
+                    total += loss.detach() / accum
+                if config.max_grad_norm:
+                    acc.clip_grad_norm_(self.params, config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                value = acc.gather(total[None]).mean().item()
+                if step % config.log_every == 0:
+                    self._log(step, value, lr)
+                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                    self.save_checkpoint(step)
+                validated = bool(config.validation_every) and step % config.validation_every == 0
+                if validated:
+                    self.validate(step)
+                if on_step is not None:
+                    on_step(step, value)
+        except KeyboardInterrupt:
+            if step > start:
+                self.save_checkpoint(step)
+            raise
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        if not validated:
+            self.validate(step)
+        out = self.config.output_file(self.stage)
+        if acc.is_main_process:
+            save_file(self.setup.export(), out)
+        acc.wait_for_everyone()
+        return out
+
+    # ------------------------------------------------------------------------------------- checkpoints, logs
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def save_checkpoint(self, step: int) -> Path:
+        """``checkpoints/step-NNNNNN/``: ``state.pt`` (trainable weights, optimizer, step, RNG, config) and the
+        output file in the AnimateDiff layout as it stands at this step."""
+        acc = self.accelerator
+        folder = self.checkpoint_dir / f"step-{step:06d}"
+        if acc.is_main_process:
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            state = {"stage": self.stage, "step": step, "trainable": self.setup.trainable.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                     "config": self.config.to_dict()}
+            torch.save(state, tmp / "state.pt")
+            save_file(self.setup.export(), tmp / self.config.output_file(self.stage).name)
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.replace(folder)
+            if self.config.keep_checkpoints:
+                for old in _checkpoints(self.checkpoint_dir)[:-self.config.keep_checkpoints]:
+                    shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return folder
+
+    def resume(self, where: str | Path) -> int:
+        """Load a checkpoint folder (or ``"latest"`` in ``output_dir/checkpoints``); returns its step."""
+        if str(where) == "latest":
+            found = _checkpoints(self.checkpoint_dir)
+            if not found:
+                log.warning("resume: latest asked for, but %s holds no checkpoint: starting at step 0",
+                            self.checkpoint_dir)
+                return 0
+            where = found[-1]
+        path = Path(where)
+        path = path / "state.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"resume: {str(path)!r} does not exist; give a checkpoints/step-NNNNNN folder or 'latest'")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("stage") != self.stage:
+            raise ConfigError(f"resume: {path} is a {state.get('stage')} checkpoint, not {self.stage}")
+        self.setup.trainable.load_state_dict(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        log.info("resumed %s at step %d", path, state["step"])
+        return int(state["step"])
+
+    @property
+    def loss_log(self) -> Path:
+        return self.out_dir / "loss.csv"
+
+    def _start_log(self, start: int) -> None:
+        """A fresh loss.csv, or on resume the rows up to the resumed step (a crashed run may have logged beyond)."""
+        rows = []
+        if start and self.loss_log.exists():
+            with self.loss_log.open(newline="") as handle:
+                rows = [r for r in csv.reader(handle)][1:]
+            rows = [r for r in rows if int(r[0]) <= start]
+        with self.loss_log.open("w", newline="") as handle:
+            csv.writer(handle).writerows([["step", "loss", "lr"], *rows])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start + 1 if start else None)
+        except ImportError:  # TensorBoard is optional
+            self.tensorboard = None
+
+    def _log(self, step: int, loss: float, lr: float) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with self.loss_log.open("a", newline="") as handle:
+            csv.writer(handle).writerow([step, repr(loss), repr(lr)])
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("loss", loss, step)
+            self.tensorboard.add_scalar("lr", lr, step)
+
+    # -------------------------------------------------------------------------------------------- samples
+    @torch.no_grad()
+    def validate(self, step: int) -> list[Path]:
+        """Render the validation prompts with the model as it stands; ``samples/step-NNNNNN-PP.<format>``."""
+        config = self.config
+        if not config.validation_prompts or not self.accelerator.is_main_process:
+            return []
+        from ..pipelines.sd_video import SDVideoPipeline
+        from ..video_io import save_video
+
+        models, motion = self.models, self.setup.motion
+        pipe = SDVideoPipeline(models.unet, models.vae, [models.text_encoder], [models.tokenizer], motion,
+                               device=self.device, dtype=self.weight_dtype)
+        frames = 1 if motion is None else (config.validation_frames or config.frames)
+        height, width = config.validation_height_width()
+        written = []
+        self.model.eval()
+        with self.accelerator.autocast():
+            for i, prompt in enumerate(config.validation_prompts):
+                video = pipe(prompt, num_frames=frames, height=height, width=width,
+                             num_inference_steps=config.validation_steps, cfg_scale=config.validation_cfg,
+                             seed=config.seed, progress_bar=False, allow_static=motion is None)
+                out = self.out_dir / "samples" / f"step-{step:06d}-{i:02d}.{config.validation_format}"
+                written.append(save_video(video, out, fps=8))
+        self.model.train()
+        return written
+
+
+def save_file(state: dict[str, torch.Tensor], path: Path) -> Path:
+    """A flat tensor dict as ``.safetensors`` or (any other suffix) a ``torch.save`` file, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.contiguous() for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file as save_safetensors
+        save_safetensors(state, str(tmp))
+    else:
+        torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
