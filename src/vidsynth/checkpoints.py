@@ -293,7 +293,7 @@ def _unet_config(shapes, path):
     if config.in_channels == 9:
         raise CheckpointError(f"{path}: recognised as an inpainting UNet (9 input channels), not supported yet")
     if config.family not in ("sd15", "sdxl"):
-        names = {"sd2": "Stable Diffusion 2.x"}
+        names = {"sd2": "Stable Diffusion 2.x", "sdxl_refiner": "the SDXL refiner"}
         raise CheckpointError(f"{path}: recognised as {names.get(config.family, config.family)} "
                               f"(context width {config.context_dim}), not supported yet; SD 1.5 and SDXL are")
     return config

@@ -68,13 +68,14 @@ class UNetConfig:
 
     @property
     def family(self) -> str:
-        """"sd15" or "sdxl" (the families vidsynth renders); "sd2", "sdxl_refiner" or "unknown" otherwise.
+        """"sd15" or "sdxl" (the families vidsynth renders); "sd2" or "sdxl_refiner" otherwise.
         Inpainting UNets (9 input channels) get an "_inpaint" suffix."""
+        # by structure (label_emb or not) first, so scaled-down test models of either shape are recognised too
         if self.adm_in_channels is None:
-            name = {768: "sd15", 1024: "sd2"}.get(self.context_dim, "unknown")
+            name = "sd2" if self.context_dim == 1024 else "sd15"
         else:
-            name = {2048: "sdxl", 1280: "sdxl_refiner"}.get(self.context_dim, "unknown")
-        return name + "_inpaint" if self.in_channels == 9 and name != "unknown" else name
+            name = "sdxl_refiner" if self.context_dim == 1280 else "sdxl"
+        return name + "_inpaint" if self.in_channels == 9 else name
 
     @classmethod
     def from_state_dict(cls, shapes: Mapping[str, Sequence[int]]) -> UNetConfig:
@@ -116,6 +117,7 @@ class UNetConfig:
         if any(c % mc for c in mult):
             raise CheckpointError(f"level channels {mult} are not multiples of model_channels {mc}")
         context_dim = shapes["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1]
+        sd1 = "label_emb.0.0.weight" not in shapes and context_dim != 1024
         return cls(
             in_channels=shapes["input_blocks.0.0.weight"][1],
             out_channels=shapes["out.2.weight"][0],
@@ -126,8 +128,8 @@ class UNetConfig:
             transformer_depth_middle=depth["middle_block.1"],
             context_dim=context_dim,
             # Head counts are invisible in shapes: SD 1.x uses 8 heads, SD 2 / SDXL 64 channels per head.
-            num_heads=8 if context_dim == 768 else None,
-            num_head_channels=None if context_dim == 768 else 64,
+            num_heads=8 if sd1 else None,
+            num_head_channels=None if sd1 else 64,
             use_linear_in_transformer=len(shapes["middle_block.1.proj_in.weight"]) == 2,
             adm_in_channels=shapes["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in shapes else None,
         )

@@ -1,0 +1,149 @@
+"""The video pipelines on tiny random models: long videos, seeds, outputs, checks before compute."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tiny_models import tiny_motion, tiny_sd15, tiny_sdxl
+from vidsynth.errors import ConfigError
+
+SIZE = dict(height=64, width=64)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tiny_sd15("v2")
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_sdxl()
+
+
+def run(pipe, **kwargs):
+    args = dict(prompt="a fox", num_frames=8, num_inference_steps=2, progress_bar=False, **SIZE)
+    args.update(kwargs)
+    return pipe(**args)
+
+
+class FramesSeen:
+    """Wraps the UNet and records which latent frames each call received (frames are matched by value)."""
+
+    def __init__(self, pipe):
+        self.calls = []
+        self.unet = pipe.unet
+        pipe.unet = self
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
+
+    def __call__(self, x, *args, **kwargs):
+        self.calls.append((x.shape[0], kwargs.get("num_frames")))
+        return self.unet(x, *args, **kwargs)
+
+
+@pytest.mark.parametrize("closed_loop", [False, True])
+def test_long_video_runs_in_blended_windows(sd15, closed_loop):
+    pipe = sd15.pipeline()
+    spy = FramesSeen(pipe)
+    latents = run(pipe, num_frames=48, context_length=16, context_overlap=4, closed_loop=closed_loop,
+                  output_type="latent", cfg_scale=7.5)
+    assert latents.shape == (1, 4, 48, 8, 8) and torch.isfinite(latents).all()
+    windows = 4  # 48 frames, stride 12: starts 0, 12, 24 and 32 (36, wrapping, in a loop)
+    assert spy.calls == [(2 * 16, 16)] * (windows * 2)  # every call: one window, cond + uncond, 2 steps
+    noise = torch.randn(1, 4, 48, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = run(pipe, num_frames=48, latents=noise, output_type="latent", context_length=16)
+    changed = (out - noise).flatten(3).abs().amax(-1)[0].amax(0)  # per frame
+    assert (changed > 1e-3).all()  # every frame was denoised
+
+
+def test_frames_beyond_the_native_length_need_windows(sd15):
+    pipe = sd15.pipeline()
+    with pytest.raises(ConfigError, match="context_length"):
+        run(pipe, num_frames=40, context_length=40)
+
+
+def test_manual_seed_seed_and_latents(sd15):
+    pipe = sd15.pipeline()
+    torch.manual_seed(0)
+    a = run(pipe, output_type="latent")
+    torch.manual_seed(0)
+    b = run(pipe, output_type="latent")
+    assert torch.equal(a, b)
+    c = run(pipe, output_type="latent", seed=3)
+    d = run(pipe, output_type="latent", seed=3)
+    assert torch.equal(c, d) and not torch.equal(a, c)
+    noise = torch.randn(1, 4, 8, 8, 8)
+    e = run(pipe, output_type="latent", latents=noise)
+    f = run(pipe, output_type="latent", latents=noise, seed=99)  # given latents win over the seed
+    assert torch.equal(e, f)
+
+
+def test_output_types(sd15):
+    pipe = sd15.pipeline()
+    frames = run(pipe, num_frames=5, seed=0)
+    assert len(frames) == 5 and frames[0].size == (64, 64) and frames[0].mode == "RGB"
+    array = run(pipe, num_frames=5, seed=0, output_type="np")
+    assert array.shape == (5, 64, 64, 3) and array.dtype == np.float32 and 0 <= array.min() and array.max() <= 1
+    assert np.abs(np.asarray(frames[2], dtype=np.float32) / 255 - array[2]).max() <= 1 / 255 + 1e-6
+
+
+def test_motion_scale_zero_is_the_image_model_frame_by_frame(sd15):
+    pipe = sd15.pipeline()
+    same = dict(seed=0, output_type="latent", beta_schedule="linear")  # the image model's default is scaled_linear
+    still = run(pipe, motion_scale=0.0, **same)
+    moving = run(pipe, **same)
+    pipe.motion_modules = None
+    static = run(pipe, allow_static=True, **same)
+    assert torch.allclose(still, static, atol=1e-5) and not torch.allclose(moving, static, atol=1e-3)
+
+
+def test_long_prompts_and_diffsynth_window_names(sd15):
+    pipe = sd15.pipeline()
+    long_prompt = ", ".join(["a beautiful highly detailed photograph of a red fox in the snow"] * 8)
+    a = run(pipe, prompt=long_prompt, seed=0, output_type="latent", num_frames=20, context_length=16,
+            context_overlap=8)
+    b = run(pipe, prompt=long_prompt, seed=0, output_type="latent", num_frames=20, animatediff_batch_size=16,
+            animatediff_stride=8)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(height=60), "multiples of 8"),
+    (dict(width=0), "multiples of 8"),
+    (dict(num_frames=0), "num_frames"),
+    (dict(cfg_scale=-1.0), "cfg_scale"),
+    (dict(num_inference_steps=0), "steps"),
+    (dict(sampler="heun3"), "ddim"),
+    (dict(output_type="mp4"), "output_type"),
+    (dict(clip_skip=0), "clip_skip"),
+    (dict(latents=torch.zeros(1, 4, 3, 8, 8)), "latents must have shape"),
+    (dict(context_overlap=16, num_frames=40, context_length=16), "context_overlap"),
+    (dict(strength=0.5), "unexpected argument"),
+])
+def test_bad_arguments_are_refused_before_any_compute(sd15, bad, match):
+    pipe = sd15.pipeline()
+    spy = FramesSeen(pipe)
+    with pytest.raises(ConfigError, match=match):
+        run(pipe, **bad)
+    assert spy.calls == []
+
+
+def test_missing_or_unfit_motion_module_is_refused(sd15, sdxl):
+    pipe = sd15.pipeline()
+    pipe.motion_modules = None
+    with pytest.raises(ConfigError, match="allow_static=True"):
+        run(pipe)
+    pipe.motion_modules = tiny_motion(sdxl.unet, "sdxl_beta")
+    with pytest.raises(ConfigError, match="does not fit"):
+        run(pipe)
+
+
+def test_sdxl_eighty_frames_in_windows(sdxl):
+    pipe = sdxl.pipeline()
+    spy = FramesSeen(pipe)
+    frames = run(pipe, num_frames=80, context_length=16, num_inference_steps=1, cfg_scale=1.0, output_type="np",
+                 original_size=(64, 64), target_size=(64, 64))
+    assert frames.shape == (80, 64, 64, 3) and np.isfinite(frames).all()
+    assert len(spy.calls) == 7 and all(call == (16, 16) for call in spy.calls)  # no CFG at scale 1: one clip a call
