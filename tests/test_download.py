@@ -136,6 +136,18 @@ def test_fetches_into_the_preset_path_once(hub, tmp_path, source):
     assert len(hub.requests) == seen  # complete file present: no request at all
 
 
+def test_a_file_already_in_place_is_kept_even_if_its_size_differs(hub, tmp_path, caplog, monkeypatch):
+    table = json.loads(json.dumps(TABLE))
+    table["presets"]["tiny"]["files"][0]["size"] = len(CONTENT)
+    monkeypatch.setattr(download, "presets", lambda: download.parse_presets(table))
+    own = tmp_path / "models" / "tiny" / "model.bin"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"my own fine-tune")
+    assert download.download_models(["Tiny_v1"], tmp_path / "models", progress=False) == [own]
+    assert own.read_bytes() == b"my own fine-tune" and hub.requests == []
+    assert "using it as it is" in caplog.text
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_transfer_cut_half_way_resumes_with_range(hub, tmp_path, source, monkeypatch):
     # huggingface_hub writes (and so resumes from) whole chunks only, 10 MB by default

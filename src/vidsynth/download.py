@@ -197,9 +197,11 @@ def download_models(
 
 def _fetch(file: PresetFile, target: Path, sources: list[str], progress: bool) -> None:
     if target.is_file():
-        if file.size is None or target.stat().st_size == file.size:
-            return
-        logger.warning("%s has %d bytes instead of %d: downloading it again", target, target.stat().st_size, file.size)
+        # downloads only ever reach the final name complete, so a file there is the user's own copy: keep it
+        if file.size is not None and target.stat().st_size != file.size:
+            logger.warning("%s has %d bytes where the published file has %d; using it as it is (delete it to "
+                           "download the published one)", target, target.stat().st_size, file.size)
+        return
     remotes = [r for r in map(file.remote, sources) if r is not None]
     if not remotes:
         offered = [r.source for r in file.remotes]
