@@ -61,7 +61,6 @@ def sampling_defaults(version: str, filename: str | None = None) -> dict:
 
 
 # Module channels per resolution level, as the image UNets have them.
-_LEVELS = {"sd15": (320, 640, 1280, 1280), "sdxl": (320, 640, 1280)}
 # (base family, mid module present) that each version's original code builds.
 _VERSION_LAYOUT = {"v1": ("sd15", False), "v2": ("sd15", True), "v3": ("sd15", False),
                    "sdxl_beta": ("sdxl", False), "animatelcm": ("sd15", True), "lightning": ("sd15", True)}
@@ -157,10 +156,12 @@ def _levels(sites: dict[str, int], kind: str) -> list[list[int]]:
 def _read_family(sites: dict[str, int], filename: str | None) -> str:
     down, up = _levels(sites, "down_blocks"), _levels(sites, "up_blocks")
     mid = [c for name, c in sites.items() if name.startswith("mid_block")]
-    for family, channels in _LEVELS.items():
-        if (down == [[c, c] for c in channels] and up == [[c] * 3 for c in reversed(channels)]
-                and mid in ([], [channels[-1]])):
-            return family
+    # the structure decides (the channels are checked against the UNet when the module is used), so scaled-down
+    # modules of either shape are recognised too
+    family = {4: "sd15", 3: "sdxl"}.get(len(down))
+    if (family and len(up) == len(down) and all(len(lvl) == 2 for lvl in down) and all(len(lvl) == 3 for lvl in up)
+            and len(mid) <= 1 and (not mid or family == "sd15")):
+        return family
 
     def describe(levels: list[list[int]]) -> str:
         return "/".join(f"{lvl[0]}x{len(lvl)}" if len(set(lvl)) == 1 else "+".join(map(str, lvl)) for lvl in levels)
