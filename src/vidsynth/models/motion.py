@@ -60,7 +60,6 @@ def sampling_defaults(version: str, filename: str | None = None) -> dict:
     return settings
 
 
-# Module channels per resolution level, as the image UNets have them.
 # (base family, mid module present) that each version's original code builds.
 _VERSION_LAYOUT = {"v1": ("sd15", False), "v2": ("sd15", True), "v3": ("sd15", False),
                    "sdxl_beta": ("sdxl", False), "animatelcm": ("sd15", True), "lightning": ("sd15", True)}

@@ -125,7 +125,21 @@ class TrainConfig:
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(hints)}; known settings are "
                               f"{', '.join(known)}")
-        return cls(**values)
+        return cls(**{key: _coerce(key, value) for key, value in values.items()})
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """YAML reads ``1e-4`` (no dot) as a string; numbers must still be numbers."""
+    kind = next(f.type for f in fields(TrainConfig) if f.name == key)
+    if kind == "float" and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    wanted = {"float": float, "int": int, "bool": bool, "str": str}.get(kind)
+    if wanted and not (isinstance(value, wanted) and (wanted is bool or not isinstance(value, bool))):
+        raise ConfigError(f"setting {key!r} must be a {kind}, got {value!r}")
+    return value
 
 
 def _hw(value) -> tuple[int, int] | None:

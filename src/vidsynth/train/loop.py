@@ -59,6 +59,18 @@ class StepBatches(Sampler):
             m += 1
 
 
+class _ContiguousSites:
+    """Hands the motion modules contiguous inputs: on the CPU (torch 2.13) the UNet's convolutions can return
+    channels-last tensors, and the temporal attention's backward pass then crashes the process (segfault)."""
+
+    def __init__(self, motion):
+        self.motion = motion
+
+    def site(self, name: str):
+        hook = self.motion.site(name)
+        return None if hook is None else (lambda h, num_frames: hook(h.contiguous(), num_frames))
+
+
 class NoisePredictor(nn.Module):
     """What accelerate wraps (and DDP synchronises): the UNet with the stage's motion modules and trainable part."""
 
@@ -68,7 +80,8 @@ class NoisePredictor(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         pool = self.motion is not None and self.motion.config.pool_resnet_norms
-        return self.unet(x, timesteps, context, num_frames=num_frames, motion=self.motion, pool_resnet_norms=pool)
+        motion = None if self.motion is None else _ContiguousSites(self.motion)
+        return self.unet(x, timesteps, context, num_frames=num_frames, motion=motion, pool_resnet_norms=pool)
 
 
 def make_accelerator(config: TrainConfig):
