@@ -86,3 +86,18 @@ def test_recognised_but_unsupported_layouts_say_so(shared_dir, name, change, exp
     with pytest.raises(CheckpointError, match=expected) as err:
         identify(_ShapesOnly(name, shapes))
     assert name in str(err.value) and "not supported yet" in str(err.value)
+
+
+def test_text_encoder_file_without_position_ids_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    from vidsynth.models.text import CLIPTextModel, TextEncoderConfig
+
+    config = TextEncoderConfig(vocab_size=1000, width=64, layers=1, heads=1, max_positions=77,
+                               activation="quick_gelu", projection_dim=None, layout="hf")
+    state = {k: v for k, v in CLIPTextModel(config).state_dict().items() if not k.endswith("position_ids")}
+    save_file(state, tmp_path / "clip.safetensors")
+    manager = ModelManager(torch_dtype=torch.float32, device="cpu")
+    assert manager.load_model(tmp_path / "clip.safetensors").kind == "text_encoder"
+    ids = manager.text_encoder.text_model.embeddings.position_ids
+    assert torch.equal(ids, torch.arange(77).expand(1, 77))

@@ -19,7 +19,10 @@ def build_component(ckpt: Checkpoint, component: Component, *, dtype: torch.dtyp
     with torch.device("meta"):
         module = _constructor(component)(component.config)
     state = ckpt.state_dict(component.prefix, dtype=dtype, device=device)
-    expected = module.state_dict().keys()
+    expected = module.state_dict()
+    for key in expected:
+        if key.endswith("position_ids") and key not in state:  # some SD 1.5 files drop this constant buffer
+            state[key] = torch.arange(expected[key].shape[-1], device=device).expand(expected[key].shape)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
