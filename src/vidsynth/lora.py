@@ -13,7 +13,7 @@ files), else 1 (the AnimateDiff loader adds ``alpha * up @ down`` without rank d
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 

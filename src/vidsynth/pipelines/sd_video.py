@@ -1,8 +1,6 @@
 """SD 1.5 text-to-video: CLIP-L conditioning on the shared video core."""
 from __future__ import annotations
 
-import torch
-
 from ..models.text import encode_chunks
 from ..tokenizer import CLIPTokenizer
 from .core import Conditioning, VideoPipeline
