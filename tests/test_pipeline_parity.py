@@ -1,0 +1,131 @@
+"""End-to-end parity of SDVideoPipeline / SDXLVideoPipeline with diffusers' AnimateDiff pipelines.
+
+Tiny random models (tests/tiny_models.py) with the same weights on both sides, fp32, the same initial noise
+(1, 4, f, h/8, w/8), negative_prompt="" on both sides (diffusers' SDXL pipeline zeroes a *missing* negative prompt),
+CFG 7.5; the final latents and the decoded "np" frames are compared.
+
+The diffusers twins are patched where diffusers departs from the original models (see tiny_models.motion_unet):
+v1/v2 motion modules normalise each frame (diffusers pools over frames; SDXL beta pools, like diffusers: no patch);
+v1's resnets pool their GroupNorm over the clip (diffusers: per frame).
+
+Size: 64x128 pixels (8x16 latents, non-square so a swapped height/width fails), 4 frames, 3 steps. Not smaller: at
+8x8 latents the deepest level is 1x1, where GroupNorm normalises 2 values per group and the random model becomes
+ill-conditioned (diffusers' own fp32 and fp64 runs then differ by 5e-3 of the latent scale).
+Tolerance: max abs error <= 1e-4 of the output's largest magnitude (latents ~20 with CFG 7.5, frames 1). Measured:
+latents <= 3.5e-6 relative, frames <= 6e-6.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+from tiny_models import TinyVideoModels, tiny_sd15, tiny_sdxl  # noqa: E402
+
+PROMPT = "a photo of an astronaut riding a horse on mars"
+FRAMES, HEIGHT, WIDTH, STEPS, CFG = 4, 64, 128, 3, 7.5
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors on a shared 2-core box: a second intra-op thread mostly waits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def scheduler(sampler: str):
+    """The diffusers scheduler our sampler reproduces, with the module's original settings."""
+    sd15 = dict(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading")
+    if sampler == "ddim":  # AnimateDiff v1/v2/v3 (set_alpha_to_one: DDIMScheduler's default there, as ours)
+        return diffusers.DDIMScheduler(**sd15, clip_sample=False, set_alpha_to_one=True)
+    if sampler == "dpmpp_2m":
+        return diffusers.DPMSolverMultistepScheduler(**sd15, algorithm_type="dpmsolver++", solver_order=2)
+    # euler: the SDXL beta module's original setting
+    return diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.020,
+                                            steps_offset=1, timestep_spacing="leading")
+
+
+@lru_cache(maxsize=None)  # a few MB per version; built once per session
+def models(version: str) -> tuple[TinyVideoModels, object, object]:
+    tiny = tiny_sdxl() if version == "sdxl_beta" else tiny_sd15(version)
+    return tiny, tiny.pipeline(), tiny.diffusers_pipeline(scheduler("ddim"))
+
+
+def noise() -> torch.Tensor:
+    return torch.randn(1, 4, FRAMES, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(0))
+
+
+def run_diffusers(pipe, sampler: str, **kwargs) -> tuple[torch.Tensor, np.ndarray]:
+    """(final latents, frames (f, H, W, 3)) of one diffusers run; the latents are those of its last step, which
+    output_type="latent" would return."""
+    pipe.scheduler = scheduler(sampler)
+    final = {}
+
+    def keep_latents(pipeline, i, t, tensors):
+        final["latents"] = tensors["latents"]
+        return tensors
+
+    frames = pipe(PROMPT, negative_prompt="", guidance_scale=CFG, num_frames=FRAMES, height=HEIGHT, width=WIDTH,
+                  num_inference_steps=STEPS, latents=noise(), output_type="np", callback_on_step_end=keep_latents,
+                  **kwargs).frames
+    return final["latents"], frames[0]
+
+
+def run_ours(pipe, sampler: str, output_type: str, **kwargs):
+    return pipe(PROMPT, negative_prompt="", cfg_scale=CFG, num_frames=FRAMES, height=HEIGHT, width=WIDTH,
+                num_inference_steps=STEPS, latents=noise(), sampler=sampler, output_type=output_type,
+                progress_bar=False, **kwargs)
+
+
+def max_rel_error(ours, theirs) -> float:
+    ours, theirs = torch.as_tensor(ours), torch.as_tensor(theirs)
+    assert ours.shape == theirs.shape
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+CASES = [("v2", "ddim"), ("v2", "dpmpp_2m"), ("v1", "ddim"), ("sdxl_beta", "euler")]
+
+
+@pytest.mark.parametrize("version, sampler", CASES,
+                         ids=["sd15-v2-ddim", "sd15-v2-dpmpp_2m", "sd15-v1-ddim", "sdxl-beta-euler"])
+def test_matches_diffusers(version: str, sampler: str):
+    tiny, ours, theirs = models(version)
+    assert tiny.motion.config.version == version
+    want_latents, want_frames = run_diffusers(theirs, sampler)
+    latents = run_ours(ours, sampler, "latent")
+    frames = run_ours(ours, sampler, "np")
+    latent_error, frame_error = max_rel_error(latents, want_latents), max_rel_error(frames, want_frames)
+    print(f"{version} {sampler}: latents {latent_error:.1e}, frames {frame_error:.1e} of the output scale")
+    assert latent_error <= TOLERANCE
+    assert frame_error <= TOLERANCE
+    assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3) and 0 <= frames.min() and frames.max() <= 1
+    # what the comparison can see: the motion modules move the result by far more than the tolerance
+    static = run_ours(ours, sampler, "latent", motion_scale=0.0)
+    assert max_rel_error(static, want_latents) > 100 * TOLERANCE
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("version", ["v2", "sdxl_beta"], ids=["sd15", "sdxl"])
+def test_clip_skip_matches_diffusers(version: str):
+    """Our clip_skip counts from the last layer (1 = none), diffusers' counts skipped layers: ours k is theirs k-1."""
+    _, ours, theirs = models(version)
+    cond = ours.encode_prompts(["", PROMPT], clip_skip=2, height=HEIGHT, width=WIDTH)
+    if version == "sdxl_beta":  # diffusers' SDXL ignores clip_skip for the negative prompt: compare the prompt only
+        want, *_ = theirs.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False, clip_skip=1)
+        got = cond.context[1:]
+    else:  # diffusers' SD clip_skip path reads text_encoder.text_model, which transformers 5 dropped: its steps
+        ids = theirs.tokenizer(["", PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        encoder = theirs.text_encoder
+        want = encoder.final_layer_norm(encoder(ids, output_hidden_states=True).hidden_states[-2])
+        got = cond.context
+    assert max_rel_error(got, want) <= TOLERANCE
+    default = ours.encode_prompts(["", PROMPT], clip_skip=1, height=HEIGHT, width=WIDTH)
+    assert max_rel_error(default.context, cond.context) > 100 * TOLERANCE
