@@ -1,0 +1,293 @@
+"""Training the three AnimateDiff stages on tiny models and a synthetic moving-square dataset (CPU)."""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vidsynth.checkpoints import Checkpoint, identify
+from vidsynth.cli import main as cli_main
+from vidsynth.errors import ConfigError
+from vidsynth.manager import ModelManager
+from vidsynth.models.motion import MotionModuleSet
+from vidsynth.models.text import CLIPTextModel, TextEncoderConfig
+from vidsynth.models.unet import UNetConfig, UNetModel
+from vidsynth.models.vae import AutoencoderKL, VAEConfig
+from vidsynth.tokenizer import CLIPTokenizer
+from vidsynth.train import TrainConfig, Trainer, TrainModels, VideoClipDataset, load_config, new_motion_modules
+from vidsynth.video_io import load_video, save_video
+
+FRAMES, SIZE, VIDEO_FRAMES = 8, 64, 10
+LOSS_DROP = 0.15  # held-out loss must fall by at least 15% of its starting value
+TINY_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                       transformer_depth=(1, 1), transformer_depth_middle=1, context_dim=32, num_heads=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # two threads on a shared, busy 2-core box are ~5x slower than one for these tiny ops
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def moving_square(x0: int, color: tuple[int, int, int], frames: int = VIDEO_FRAMES) -> np.ndarray:
+    video = np.full((frames, SIZE, SIZE, 3), 20, np.uint8)
+    for i in range(frames):
+        x = x0 + 4 * i
+        video[i, 24:40, x:x + 16] = color
+    return video
+
+
+def write_set(folder: Path, starts_colors, suffixes) -> Path:
+    folder.mkdir(parents=True)
+    rows = [["path", "caption"]]
+    for k, ((x0, color), suffix) in enumerate(zip(starts_colors, suffixes)):
+        name = f"clip{k}{suffix}"
+        save_video(moving_square(x0, color), folder / name, fps=8)
+        rows.append([name.rstrip("/"), "a bright square moving right"])
+    with (folder / "captions.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train_data")
+    colors = [(255, 60, 60), (60, 255, 60), (60, 60, 255), (255, 255, 60), (60, 255, 255), (255, 60, 255)]
+    train = write_set(root / "train", [(2 * k, c) for k, c in enumerate(colors)], [".mp4", ".gif", "/"] * 2)
+    (train / "broken.mp4").write_bytes(b"not a video at all")  # a bad file in the training folder is skipped
+    with (train / "captions.csv").open("a", newline="") as handle:
+        csv.writer(handle).writerow(["broken.mp4", "a broken clip"])
+    heldout = write_set(root / "heldout", [(1, (200, 200, 200)), (7, (255, 128, 0)), (11, (128, 0, 255))],
+                        [".gif"] * 3)
+    return {"train": train, "heldout": heldout}
+
+
+def tiny_models(motion: str | None) -> TrainModels:
+    """motion: None, "random" (a trained-looking module: non-zero output projections) or "new" (zero-initialised)."""
+    torch.manual_seed(0)
+    unet = UNetModel(TINY_UNET)
+    vae = AutoencoderKL(VAEConfig(base_channels=8, channel_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=4))
+    text = CLIPTextModel(TextEncoderConfig(49408, 32, 1, 2, 77, "quick_gelu", None, "hf"))
+    modules = None
+    if motion is not None:
+        modules = new_motion_modules(unet, "v2", pe_length=16)
+        if motion == "random":
+            modules = MotionModuleSet(modules.config)
+    return TrainModels(unet, vae.eval(), text.eval(), CLIPTokenizer(), modules)
+
+
+def config(data, out: Path, **overrides) -> TrainConfig:
+    values = dict(data_root=str(data["train"]), frames=FRAMES, stride=1, size=SIZE, caption_dropout=0.0,
+                  learning_rate=1e-2, max_steps=30, batch_size=2, rank=8, output_dir=str(out), checkpoint_every=1000,
+                  device="cpu", seed=0)
+    return TrainConfig(**{**values, **overrides})
+
+
+def frozen_state(*modules) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": v.clone() for i, m in enumerate(modules) if m is not None for k, v in m.state_dict().items()}
+
+
+def assert_unchanged(before: dict[str, torch.Tensor], *modules) -> None:
+    after = frozen_state(*modules)
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"frozen weights changed: {changed[:5]}"
+
+
+def probe(unet, motion, frames: int = FRAMES) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(frames, 4, 8, 8, generator=g), torch.randn(frames, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.full((frames,), 400), context, num_frames=frames, motion=motion)
+
+
+def train_and_check(data, tmp_path, stage: str, motion: str | None, **overrides) -> tuple[Trainer, Path]:
+    """Train; the held-out loss must fall by LOSS_DROP; the frozen weights must not change."""
+    models = tiny_models(motion)
+    frozen = [models.unet, models.vae, models.text_encoder]
+    if stage != "motion-module":
+        frozen.append(models.motion_modules)
+    before_state = frozen_state(*frozen)
+    trainer = Trainer(stage, config(data, tmp_path / "out", **overrides), models)
+    heldout = trainer.make_dataset(data["heldout"])
+    before = trainer.evaluate(heldout)
+    out = trainer.run()
+    after = trainer.evaluate(heldout)
+    print(f"{stage}: held-out loss {before:.4f} -> {after:.4f}")
+    assert after < (1 - LOSS_DROP) * before, f"{stage}: held-out loss {before:.4f} -> {after:.4f}"
+    assert_unchanged(before_state, *frozen)
+    assert all(p.requires_grad for p in trainer.setup.trainable.parameters())
+    assert not any(p.requires_grad for m in frozen if m is not None for p in m.parameters())
+    return trainer, out
+
+
+def reload_through_manager(models: TrainModels, path: Path, components: list[str]):
+    manager = ModelManager(torch_dtype=torch.float32, device="cpu")
+    manager.models.update({name: getattr(models, name) for name in components})
+    return manager.load_lora(path)
+
+
+# ------------------------------------------------------------------------------------------------------- stages
+
+def test_motion_lora(data, tmp_path):
+    trainer, out = train_and_check(data, tmp_path, "motion-lora", "random", validation_prompts=["a square"],
+                                   validation_steps=2, validation_every=30)
+    models = trainer.models
+    state = torch.load(out, weights_only=True)
+    sites = models.motion_modules.sites()
+    expected = {f"{site}.temporal_transformer.transformer_blocks.0.attention_blocks.{b}.processor.{p}_lora.{h}.weight"
+                for site in sites for b in (0, 1) for p in ("to_q", "to_k", "to_v", "to_out") for h in ("down", "up")}
+    assert set(state) == expected
+    key = next(iter(sites)) + ".temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q_lora"
+    channels = sites[next(iter(sites))]
+    assert state[f"{key}.down.weight"].shape == (8, channels) and state[f"{key}.up.weight"].shape == (channels, 8)
+    assert identify(Checkpoint(out)).kind == "motion_lora"
+
+    trained = probe(models.unet, models.motion_modules)
+    trainer.setup.trainable.remove()
+    assert not torch.allclose(probe(models.unet, models.motion_modules), trained, atol=1e-4)  # the LoRA matters
+    lora = reload_through_manager(models, out, ["unet", "motion_modules"])
+    assert len(lora.layers) == len(expected) // 2
+    reloaded = probe(models.unet, models.motion_modules)
+    torch.testing.assert_close(reloaded, trained, atol=1e-5 * trained.abs().max().item(), rtol=0)
+
+    sample = tmp_path / "out" / "samples" / "step-000030-00.mp4"
+    assert len(load_video(sample)) == FRAMES
+    with (tmp_path / "out" / "loss.csv").open() as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == list(range(1, 31))
+
+
+def test_motion_module_from_scratch(data, tmp_path):
+    models = tiny_models("new")
+    # zero output projections: the untrained video model is the image model, frame by frame, exactly
+    assert torch.equal(probe(models.unet, models.motion_modules), probe(models.unet, None))
+
+    trainer, out = train_and_check(data, tmp_path, "motion-module", "new", learning_rate=2e-3)
+    motion = trainer.models.motion_modules
+    assert not torch.allclose(probe(trainer.models.unet, motion), probe(trainer.models.unet, None), atol=1e-4)
+    state = torch.load(out, weights_only=True)
+    fresh = MotionModuleSet(motion.config)
+    assert set(state) == set(fresh.state_dict())
+    assert any(k.endswith("attention_blocks.1.pos_encoder.pe") for k in state)
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(probe(trainer.models.unet, fresh), probe(trainer.models.unet, motion))
+
+
+def test_domain_adapter(data, tmp_path):
+    trainer, out = train_and_check(data, tmp_path, "domain-adapter", None, batch_size=4, learning_rate=5e-3)
+    state = torch.load(out, weights_only=True)
+    # diffusers-style UNet names, as v3_sd15_adapter.ckpt: 2 levels x 1 block down, 1 mid, 2 levels x 2 up = 7
+    # transformer blocks, attn1 + attn2, 4 projections, down + up
+    assert len(state) == 7 * 2 * 4 * 2
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.down.weight" in state
+    assert state["mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight"].shape == (64, 8)
+    assert identify(Checkpoint(out)).kind == "domain_adapter"
+
+    models = trainer.models
+    trained = probe(models.unet, None, frames=1)
+    trainer.setup.trainable.remove()
+    reload_through_manager(models, out, ["unet"])
+    torch.testing.assert_close(probe(models.unet, None, frames=1), trained,
+                               atol=1e-5 * trained.abs().max().item(), rtol=0)
+
+
+def test_interrupt_and_resume_continue_the_loss_curve_exactly(data, tmp_path):
+    settings = dict(max_steps=6, batch_size=2, gradient_accumulation_steps=2, caption_dropout=0.5, rank=4)
+    whole = tmp_path / "whole"
+    full = Trainer("motion-lora", config(data, whole, **settings), tiny_models("random")).run()
+
+    split = tmp_path / "split"
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer("motion-lora", config(data, split, **settings), tiny_models("random")).run(on_step=interrupt)
+    assert (split / "checkpoints" / "step-000003" / "state.pt").is_file()
+    resumed = Trainer("motion-lora", config(data, split, resume="latest", **settings), tiny_models("random")).run()
+
+    assert (split / "loss.csv").read_text() == (whole / "loss.csv").read_text()
+    assert len((whole / "loss.csv").read_text().splitlines()) == 7
+    a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(data, tmp_path):
+    def losses(checkpointing: bool) -> list[float]:
+        out = tmp_path / str(checkpointing)
+        Trainer("motion-module", config(data, out, max_steps=2, gradient_checkpointing=checkpointing),
+                tiny_models("new")).run()
+        with (out / "loss.csv").open() as handle:
+            return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+    plain, checkpointed = losses(False), losses(True)
+    assert len(plain) == 2
+    np.testing.assert_allclose(checkpointed, plain, rtol=1e-5)  # recomputation may reorder float sums
+
+
+# ----------------------------------------------------------------------------------------------------- bad data
+
+def test_bad_data_is_reported_by_path_and_skipped_or_refused(data, tmp_path, caplog):
+    root = tmp_path / "bad"
+    root.mkdir()
+    save_video(moving_square(0, (255, 0, 0)), root / "good.gif", fps=8)
+    save_video(moving_square(0, (0, 255, 0)), root / "spare.gif", fps=8)
+    save_video(moving_square(0, (0, 0, 255), frames=3), root / "short.gif", fps=8)
+    save_video(moving_square(0, (9, 9, 9)), root / "uncaptioned.gif", fps=8)
+    save_video(moving_square(0, (9, 9, 9)), root / "empty_caption.gif", fps=8)
+    (root / "broken.mp4").write_bytes(b"\x00" * 64)
+    (root / "captions.jsonl").write_text("\n".join([
+        '{"path": "good.gif", "caption": "red square"}', '{"path": "spare.gif", "caption": "green square"}',
+        '{"path": "short.gif", "caption": "too short"}', '{"path": "broken.mp4", "caption": "broken"}',
+        '{"path": "empty_caption.gif", "caption": ""}', '{"path": "gone.mp4", "caption": "missing file"}']))
+    reasons = {"short.gif": "too short", "broken.mp4": "unreadable", "uncaptioned.gif": "no caption",
+               "empty_caption.gif": "missing caption", "gone.mp4": "does not exist"}
+
+    with caplog.at_level(logging.WARNING):
+        dataset = VideoClipDataset(root, frames=FRAMES, stride=1, size=(SIZE, SIZE))
+    assert sorted(s.path.name for s in dataset.samples) == ["good.gif", "spare.gif"]
+    assert sorted(b.path.name for b in dataset.bad) == sorted(reasons)
+    for bad in dataset.bad:
+        assert reasons[bad.path.name] in bad.reason
+        assert str(bad.path) in caplog.text
+
+    with pytest.raises(ConfigError) as refused:
+        VideoClipDataset(root, frames=FRAMES, stride=1, size=(SIZE, SIZE), on_bad_data="error")
+    assert all(name in str(refused.value) for name in reasons)
+
+    # a file that breaks after the check: reported by path, the next sample is served, no crash
+    (root / "good.gif").write_bytes(b"GIF89a broken")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        items = [dataset[(i, i)] for i in range(len(dataset))]
+    assert all(Path(item["path"]).name == "spare.gif" and item["pixels"].shape == (FRAMES, 3, SIZE, SIZE)
+               for item in items)
+    assert str(root / "good.gif") in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------------- config
+
+def test_config_names_unknown_keys_and_the_cli_reports_errors(tmp_path, capsys):
+    path = tmp_path / "train.yaml"
+    path.write_text("data_root: videos\nlearning_rat: 1e-4\nframse: 16\n")
+    with pytest.raises(ConfigError, match=r"'framse' \(did you mean 'frames'\?\).*'learning_rat'"):
+        load_config(path)
+    assert cli_main(["train", "motion-lora", "--config", str(path)]) == 2
+    assert "learning_rat" in capsys.readouterr().err
+
+    path.write_text("data_root: videos\nframes: 16\nmixed_precision: fp8\n")
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(path)
+    path.write_text(f"data_root: {tmp_path}\nlearning_rate: 0.001\nvalidation_prompts: [a, b]\n")
+    loaded = load_config(path)
+    assert loaded.learning_rate == 1e-3 and loaded.validation_prompts == ["a", "b"] and loaded.frames == 16
+    assert cli_main(["train", "motion-module", "--config", str(path)]) == 2
+    assert "base" in capsys.readouterr().err
