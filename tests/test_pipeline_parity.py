@@ -12,7 +12,7 @@ Size: 64x128 pixels (8x16 latents, non-square so a swapped height/width fails), 
 8x8 latents the deepest level is 1x1, where GroupNorm normalises 2 values per group and the random model becomes
 ill-conditioned (diffusers' own fp32 and fp64 runs then differ by 5e-3 of the latent scale).
 Tolerance: max abs error <= 1e-4 of the output's largest magnitude (latents ~20 with CFG 7.5, frames 1). Measured:
-latents <= 3.5e-6 relative, frames <= 6e-6.
+latents <= 3e-6 relative, frames <= 6e-6; seeded runs <= 6e-6.
 """
 from __future__ import annotations
 
@@ -41,32 +41,35 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def scheduler(sampler: str):
-    """The diffusers scheduler our sampler reproduces, with the module's original settings."""
-    sd15 = dict(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading")
-    if sampler == "ddim":  # AnimateDiff v1/v2/v3 (set_alpha_to_one: DDIMScheduler's default there, as ours)
-        return diffusers.DDIMScheduler(**sd15, clip_sample=False, set_alpha_to_one=True)
+def scheduler(sampler: str, version: str):
+    """The diffusers scheduler our sampler reproduces, with the motion module's original noise schedule: AnimateDiff
+    v1/v2/v3 linear betas to 0.012, the SDXL beta module scaled_linear to 0.020; leading spacing, steps_offset 1."""
+    betas = ("scaled_linear", 0.020) if version == "sdxl_beta" else ("linear", 0.012)
+    common = dict(beta_schedule=betas[0], beta_start=0.00085, beta_end=betas[1], steps_offset=1,
+                  timestep_spacing="leading")
+    if sampler == "ddim":  # set_alpha_to_one: DDIMScheduler's default, which the original AnimateDiff code keeps
+        return diffusers.DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
     if sampler == "dpmpp_2m":
-        return diffusers.DPMSolverMultistepScheduler(**sd15, algorithm_type="dpmsolver++", solver_order=2)
-    # euler: the SDXL beta module's original setting
-    return diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.020,
-                                            steps_offset=1, timestep_spacing="leading")
+        return diffusers.DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+    if sampler == "euler_a":
+        return diffusers.EulerAncestralDiscreteScheduler(**common)
+    return diffusers.EulerDiscreteScheduler(**common)
 
 
 @lru_cache(maxsize=None)  # a few MB per version; built once per session
 def models(version: str) -> tuple[TinyVideoModels, object, object]:
     tiny = tiny_sdxl() if version == "sdxl_beta" else tiny_sd15(version)
-    return tiny, tiny.pipeline(), tiny.diffusers_pipeline(scheduler("ddim"))
+    return tiny, tiny.pipeline(), tiny.diffusers_pipeline(scheduler("ddim", version))
 
 
 def noise() -> torch.Tensor:
     return torch.randn(1, 4, FRAMES, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(0))
 
 
-def run_diffusers(pipe, sampler: str, **kwargs) -> tuple[torch.Tensor, np.ndarray]:
+def run_diffusers(pipe, version: str, sampler: str, **kwargs) -> tuple[torch.Tensor, np.ndarray]:
     """(final latents, frames (f, H, W, 3)) of one diffusers run; the latents are those of its last step, which
     output_type="latent" would return."""
-    pipe.scheduler = scheduler(sampler)
+    pipe.scheduler = scheduler(sampler, version)
     final = {}
 
     def keep_latents(pipeline, i, t, tensors):
@@ -74,15 +77,15 @@ def run_diffusers(pipe, sampler: str, **kwargs) -> tuple[torch.Tensor, np.ndarra
         return tensors
 
     frames = pipe(PROMPT, negative_prompt="", guidance_scale=CFG, num_frames=FRAMES, height=HEIGHT, width=WIDTH,
-                  num_inference_steps=STEPS, latents=noise(), output_type="np", callback_on_step_end=keep_latents,
-                  **kwargs).frames
+                  num_inference_steps=STEPS, output_type="np", callback_on_step_end=keep_latents,
+                  **{"latents": noise(), **kwargs}).frames
     return final["latents"], frames[0]
 
 
 def run_ours(pipe, sampler: str, output_type: str, **kwargs):
     return pipe(PROMPT, negative_prompt="", cfg_scale=CFG, num_frames=FRAMES, height=HEIGHT, width=WIDTH,
-                num_inference_steps=STEPS, latents=noise(), sampler=sampler, output_type=output_type,
-                progress_bar=False, **kwargs)
+                num_inference_steps=STEPS, sampler=sampler, output_type=output_type, progress_bar=False,
+                **{"latents": noise(), **kwargs})
 
 
 def max_rel_error(ours, theirs) -> float:
@@ -99,7 +102,7 @@ CASES = [("v2", "ddim"), ("v2", "dpmpp_2m"), ("v1", "ddim"), ("sdxl_beta", "eule
 def test_matches_diffusers(version: str, sampler: str):
     tiny, ours, theirs = models(version)
     assert tiny.motion.config.version == version
-    want_latents, want_frames = run_diffusers(theirs, sampler)
+    want_latents, want_frames = run_diffusers(theirs, version, sampler)
     latents = run_ours(ours, sampler, "latent")
     frames = run_ours(ours, sampler, "np")
     latent_error, frame_error = max_rel_error(latents, want_latents), max_rel_error(frames, want_frames)
@@ -110,6 +113,22 @@ def test_matches_diffusers(version: str, sampler: str):
     # what the comparison can see: the motion modules move the result by far more than the tolerance
     static = run_ours(ours, sampler, "latent", motion_scale=0.0)
     assert max_rel_error(static, want_latents) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("version, sampler, options", [
+    ("v2", "euler_a", {}),
+    ("v2", "ddim", {"eta": 0.7}),
+    ("sdxl_beta", "euler_a", {"original_size": (96, 80), "crops_coords_top_left": (8, 16)}),
+], ids=["sd15-euler_a", "sd15-ddim-eta", "sdxl-euler_a-size-crop"])
+def test_seeded_noise_draws_match_diffusers(version: str, sampler: str, options: dict):
+    """No latents given: a seed on our side and a CPU generator of the same seed on diffusers' draw the same initial
+    noise and the same per-step noise (ancestral, DDIM eta), in the same order."""
+    _, ours, theirs = models(version)
+    want, _ = run_diffusers(theirs, version, sampler, latents=None, generator=torch.Generator().manual_seed(5),
+                            **options)
+    got = run_ours(ours, sampler, "latent", latents=None, seed=5, **options)
+    assert max_rel_error(got, want) <= TOLERANCE
+    assert max_rel_error(run_ours(ours, sampler, "latent", latents=None, seed=6, **options), want) > 100 * TOLERANCE
 
 
 @torch.no_grad()
