@@ -275,6 +275,43 @@ def test_bad_data_is_reported_by_path_and_skipped_or_refused(data, tmp_path, cap
 
 # ------------------------------------------------------------------------------------------------------- config
 
+def write_tiny_sd15_file(path: Path) -> None:
+    """A single-file checkpoint that identifies as SD 1.5 (context 768) with tiny UNet, VAE and one-layer CLIP."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    unet = UNetModel(UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                transformer_depth=(1, 1), transformer_depth_middle=1, context_dim=768, num_heads=8))
+    vae = AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1))
+    text = CLIPTextModel(TextEncoderConfig(49408, 768, 1, 12, 77, "quick_gelu", None, "hf"))
+    state = {}
+    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
+                           ("cond_stage_model.transformer.", text)):
+        state.update({prefix + k: v.half().contiguous() for k, v in module.state_dict().items()})
+    save_file(state, str(path))
+
+
+def test_cli_trains_from_a_single_file_checkpoint_with_cached_latents(data, tmp_path):
+    base = tmp_path / "tiny_sd15.safetensors"
+    write_tiny_sd15_file(base)
+    out = tmp_path / "run"
+    path = tmp_path / "train.yaml"
+    path.write_text(f"base: {base}\ndata_root: {data['train']}\nframes: {FRAMES}\nstride: 1\nsize: {SIZE}\n"
+                    f"max_steps: 3\nlearning_rate: 1e-3\ncache_latents: true\ndevice: cpu\noutput_dir: {out}\n"
+                    f"motion_version: v3\nnew_motion_pe_length: 16\n")
+    assert cli_main(["train", "motion-module", "--config", str(path)]) == 0
+    caches = list((out / "latent_cache").glob("*.pt"))
+    assert len(caches) == 6 and torch.load(caches[0], weights_only=True).shape == (VIDEO_FRAMES, 4, 8, 8)
+    state = torch.load(out / "motion_module.ckpt", weights_only=True)
+    assert not any(k.startswith("mid_block") for k in state)  # v3 layout: no mid-block module
+    manager = ModelManager(torch_dtype=torch.float32, device="cpu")
+    manager.load_models([base])
+    motion = new_motion_modules(manager.unet, "v3", 16)
+    motion.load_state_dict(state, strict=True)
+    with (out / "loss.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 3
+
+
 def test_config_names_unknown_keys_and_the_cli_reports_errors(tmp_path, capsys):
     path = tmp_path / "train.yaml"
     path.write_text("data_root: videos\nlearning_rat: 1e-4\nframse: 16\n")
