@@ -147,3 +147,14 @@ def test_sdxl_eighty_frames_in_windows(sdxl):
                  original_size=(64, 64), target_size=(64, 64))
     assert frames.shape == (80, 64, 64, 3) and np.isfinite(frames).all()
     assert len(spy.calls) == 7 and all(call == (16, 16) for call in spy.calls)  # no CFG at scale 1: one clip a call
+
+
+def test_decode_keeps_frames_whole_up_to_sdxl_size(sd15):
+    pipe = sd15.pipeline()
+    x0 = torch.randn(3, 4, 8, 72, generator=torch.Generator().manual_seed(0))  # wider than one 64-latent tile
+    with torch.no_grad():
+        ours = pipe.decode(x0, output_type="pt", batch_size=None, tiled=None, progress_bar=False)
+        whole = ((pipe.vae.decode(x0 / pipe.vae.scaling_factor, tile=False).clamp(-1, 1) + 1) / 2)
+        tiled = pipe.decode(x0, output_type="pt", batch_size=1, tiled=True, progress_bar=False)
+    assert torch.allclose(ours, whole, atol=1e-5)
+    assert not torch.allclose(tiled, whole, atol=1e-3)

@@ -71,8 +71,8 @@ class VideoPipeline:
                  clip_skip: int = 1, latents: torch.Tensor | None = None, output_type: str = "pil",
                  context_length: int | None = None, context_overlap: int = 4, closed_loop: bool = False,
                  motion_scale: float = 1.0, progress_bar: bool = True, allow_static: bool = False,
-                 vae_batch_size: int = 8, tiled: bool | None = None, animatediff_batch_size: int | None = None,
-                 animatediff_stride: int | None = None, **options):
+                 vae_batch_size: int | None = None, tiled: bool | None = None,
+                 animatediff_batch_size: int | None = None, animatediff_stride: int | None = None, **options):
         if animatediff_batch_size is not None:  # DiffSynth's names: window length and window stride
             context_length = animatediff_batch_size
         if animatediff_stride is not None:
@@ -131,12 +131,18 @@ class VideoPipeline:
         """eps(x_t, t) over the whole video: every context window runs once, conditional and unconditional in one
         batch; overlapping windows cross-fade by their blending weights."""
         windows = context_windows(num_frames, window, overlap, closed_loop)
+        # all windows have one length; a lone window weighs every frame 1
         weights = window_weights(len(windows[0]), overlap if len(windows) > 1 else 0).to(self.device)
         n_cond = cond.context.shape[0]
         motion = self.motion_modules
         if motion is not None:
             motion.scale = motion_scale
         pool_norms = motion is not None and motion.config.pool_resnet_norms
+
+        # conditioning repeated once per frame, built once for every window length in use
+        per_frame = {n: (cond.context.repeat_interleave(n, dim=0),
+                         None if cond.y is None else cond.y.repeat_interleave(n, dim=0))
+                     for n in {len(frames) for frames in windows}}
 
         def eps(video: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x = video[0].transpose(0, 1)  # (f, 4, h, w): frames folded into the batch
@@ -146,26 +152,29 @@ class VideoPipeline:
                 length = len(frames)
                 xw = x[frames].to(self.dtype)
                 batch = xw.repeat(n_cond, 1, 1, 1)  # (n_cond * length, c, h, w): clip 0 = uncond, clip 1 = cond
-                context = cond.context.repeat_interleave(length, dim=0)
-                y = None if cond.y is None else cond.y.repeat_interleave(length, dim=0)
+                context, y = per_frame[length]
                 timesteps = t.to(self.device, torch.float32).reshape(-1)[:1].expand(batch.shape[0])
                 out = self.unet(batch, timesteps, context, y, num_frames=length, motion=motion,
                                 pool_resnet_norms=pool_norms).float()
                 if n_cond == 2:
                     uncond, text = out.chunk(2)
                     out = uncond + cfg_scale * (text - uncond)
-                w = weights[:length] if len(windows) > 1 else torch.ones(length, device=x.device)
-                total[frames] += out * w[:, None, None, None]
-                weight_sum[frames] += w
+                total[frames] += out * weights[:, None, None, None]
+                weight_sum[frames] += weights
             return (total / weight_sum[:, None, None, None]).transpose(0, 1).unsqueeze(0)
 
         return eps
 
     # ------------------------------------------------------------------------------------------- decoding
-    def decode(self, x0: torch.Tensor, *, output_type: str, batch_size: int, tiled: bool | None, progress_bar: bool):
+    def decode(self, x0: torch.Tensor, *, output_type: str, batch_size: int | None, tiled: bool | None,
+               progress_bar: bool):
         from ..video_io import frames_to_pil
 
         latents = (x0 / self.vae.scaling_factor).to(next(self.vae.parameters()).dtype)
+        pixels = latents.shape[-2] * latents.shape[-1]
+        # whole frames up to SDXL's native 1024 px, as the original pipelines decode; tiles only beyond that
+        tiled = pixels > 128 * 128 if tiled is None else tiled
+        batch_size = batch_size or max(1, 64 * 64 * 8 // pixels)  # ~8 frames of 512 px per decoder call
         frames = []
         for start in tqdm(range(0, latents.shape[0], batch_size), desc="decoding", disable=not progress_bar):
             frames.append(self.vae.decode(latents[start:start + batch_size], tile=tiled).float().cpu())
