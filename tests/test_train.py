@@ -162,6 +162,7 @@ def test_motion_lora(data, tmp_path):
     assert len(load_video(sample)) == FRAMES
     with (tmp_path / "out" / "loss.csv").open() as handle:
         assert [int(row["step"]) for row in csv.DictReader(handle)] == list(range(1, 31))
+    assert (tmp_path / "out" / "bad_data.txt").read_text().startswith(str(data["train"] / "broken.mp4"))
 
 
 def test_motion_module_from_scratch(data, tmp_path):

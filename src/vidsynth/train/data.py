@@ -226,9 +226,10 @@ class LatentCache:
             out = self.file(sample)
             if out.exists():
                 continue
-            pixels = to_tensor(load_video(sample.path), *self.size)
-            latents = torch.cat([self.vae.encode(chunk.to(param.device, param.dtype)).float().cpu()
-                                 for chunk in pixels.split(self.batch)])
+            images = load_video(sample.path)  # decoded frames stay uint8; only one chunk at a time is float
+            latents = torch.cat([
+                self.vae.encode(to_tensor(images[i:i + self.batch], *self.size).to(param.device, param.dtype))
+                .float().cpu() for i in range(0, len(images), self.batch)])
             tmp = out.with_suffix(".tmp")
             torch.save(latents, tmp)
             tmp.replace(out)

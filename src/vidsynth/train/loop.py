@@ -199,6 +199,7 @@ class Trainer:
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._start_log(start)
+            (self.out_dir / "bad_data.txt").write_text("".join(f"{bad}\n" for bad in self.dataset.bad))
         if config.cache_latents:
             self._cache_latents()
         accum = config.gradient_accumulation_steps
