@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from tiny_models import PerFrameGroupNorm
 from vidsynth.errors import CheckpointError, ConfigError
 from vidsynth.models.motion import (DEFAULT_SAMPLING, MOTION_VERSIONS, MotionConfig, MotionModuleSet,
                                     sampling_defaults, sinusoid_table)
@@ -32,19 +33,6 @@ def tiny_set(version: str, pe_length: int = 8) -> MotionModuleSet:
             if name.endswith("attention_blocks.1.pos_encoder.pe"):
                 tensor.copy_(motion.state_dict()[name.replace("attention_blocks.1", "attention_blocks.0")])
     return motion
-
-
-class PerFrameGroupNorm(nn.Module):
-    """Wraps diffusers' GroupNorm, which it applies to (b, c, f, h, w), so each frame is normalised alone."""
-
-    def __init__(self, norm: nn.GroupNorm):
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, f, h, w = x.shape
-        y = self.norm(x.transpose(1, 2).reshape(b * f, c, h, w))
-        return y.reshape(b, f, c, h, w).transpose(1, 2)
 
 
 def diffusers_twin(motion: MotionModuleSet, per_frame: bool):
