@@ -1,0 +1,187 @@
+"""Text-to-video time and peak RSS per phase, ours vs diffusers' AnimateDiff pipelines on the same weights (not a test).
+
+    python benchmarks/generate.py                    # SD 1.5 + mm_sd_v15_v2, CPU float32, 256x256, 8 frames, 4 DDIM steps
+    python benchmarks/generate.py --sdxl             # SDXL base + mm_sdxl_v10_beta, 2 Euler steps
+    python benchmarks/generate.py --device cuda --dtype float16 --size 512 --frames 16 --steps 25   # on a GPU
+
+Weights: random full-size files in the exact layouts of v1-5-pruned-emaonly.safetensors (float16) / sd_xl_base_1.0
++ the motion module, written once into --workdir by ../shared/tools/make_checkpoint.py; nothing is downloaded.
+ours:      ModelManager(...).load_models([base, motion]) -> SDVideoPipeline / SDXLVideoPipeline.from_model_manager
+diffusers: the same file through from_single_file + original config, MotionAdapter.from_single_file, then
+           UNetMotionModel.from_unet2d assembled without a second copy (see _reference.motion_unet),
+           AnimateDiffPipeline / AnimateDiffSDXLPipeline with DDIMScheduler / EulerDiscreteScheduler set as ours.
+Both contenders start from the same initial noise (1, 4, f, h/8, w/8) and run strictly one after another, each in
+its own process. How the phases are timed, identically for both:
+  text+denoise  the pipeline called with output_type="latent" (prompt encoding, all sampler steps with CFG)
+  text          wall time inside the pipeline's own prompt-encoding method (wrapped), included in the line above
+  denoise       text+denoise minus text; "UNet forwards" is the time inside the UNet's forward (hooks)
+  decode        latents -> float frames in [0, 1] as numpy: ours pipe.decode(..., output_type="np"),
+                diffusers pipe.decode_latents + video_processor.postprocess_video(output_type="np")
+Peak RSS is per phase (the kernel's high-water mark reset at each phase start) and over the whole process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _measure import REPO, SHARED, Phases, ensure_checkpoint, print_table, run_isolated, timed_calls, timed_forwards
+
+PROMPT = "a corgi running on a beach at sunset, waves, golden light, highly detailed"
+NEGATIVE = "blurry, low quality"
+FILES = {"sd15": (("v1-5-pruned-emaonly.safetensors", "float16"), ("mm_sd_v15_v2.ckpt", None)),
+         "sdxl": (("sd_xl_base_1.0.safetensors", None), ("mm_sdxl_v10_beta.ckpt", None))}
+# each motion module's original sampler setting, given to both contenders
+SCHEDULES = {"sd15": ("ddim", dict(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                   timestep_spacing="leading", clip_sample=False)),
+             "sdxl": ("euler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.020, steps_offset=1,
+                                    timestep_spacing="leading"))}
+
+
+def initial_noise(frames: int, size: int, seed: int) -> torch.Tensor:
+    return torch.randn((1, 4, frames, size // 8, size // 8), generator=torch.Generator().manual_seed(seed))
+
+
+def synchronizer(device: str):
+    return torch.cuda.synchronize if device.startswith("cuda") else None
+
+
+def ours(family: str, base: str, motion: str, device: str, dtype: str, size: int, frames: int, steps: int,
+         cfg: float, seed: int, save: str) -> None:
+    torch.set_grad_enabled(False)
+    phases = Phases(device)
+    from vidsynth import ModelManager, SDVideoPipeline, SDXLVideoPipeline
+
+    with phases("load"):
+        manager = ModelManager(torch_dtype=getattr(torch, dtype), device=device)
+        manager.load_models([base, motion])
+        pipe = (SDXLVideoPipeline if family == "sdxl" else SDVideoPipeline).from_model_manager(manager)
+    totals: dict[str, float] = {}
+    with timed_calls(totals, "text", pipe, "encode_prompts"), \
+            timed_forwards(totals, "unet", pipe.unet, synchronizer(device)), phases("text+denoise"):
+        x0 = pipe(PROMPT, negative_prompt=NEGATIVE, cfg_scale=cfg, height=size, width=size, num_frames=frames,
+                  num_inference_steps=steps, sampler=SCHEDULES[family][0], latents=initial_noise(frames, size, seed),
+                  output_type="latent", progress_bar=False)
+    with phases("decode"):
+        video = pipe.decode(x0[0].transpose(0, 1), output_type="np", batch_size=8, tiled=None, progress_bar=False)
+    np.save(save, video)
+    phases.report(totals=totals)
+
+
+def diffusers(family: str, base: str, motion: str, device: str, dtype: str, size: int, frames: int, steps: int,
+              cfg: float, seed: int, save: str, workdir: str) -> None:
+    torch.set_grad_enabled(False)
+    phases = Phases(device)
+    from diffusers import AnimateDiffPipeline, AnimateDiffSDXLPipeline, DDIMScheduler, EulerDiscreteScheduler
+    from transformers import CLIPTokenizer
+
+    from _reference import load_components, load_motion_adapter, motion_unet
+
+    torch_dtype = getattr(torch, dtype)
+    with phases("load"):
+        parts = load_components(base, family, torch_dtype, Path(workdir))
+        adapter = load_motion_adapter(motion, family, torch_dtype, Path(workdir))
+        parts["unet"] = motion_unet(parts["unet"], adapter)
+        vocab = SHARED / "clip-tokenizer"
+        tokenizer = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77)
+        sampler, schedule = SCHEDULES[family]
+        if family == "sdxl":
+            tokenizer_2 = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77,
+                                        pad_token="!")
+            scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, **schedule)
+            pipe = AnimateDiffSDXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, motion_adapter=adapter,
+                                           scheduler=scheduler, **parts)
+        else:
+            scheduler = DDIMScheduler(num_train_timesteps=1000, **schedule)
+            pipe = AnimateDiffPipeline(tokenizer=tokenizer, motion_adapter=adapter, scheduler=scheduler, **parts)
+        del parts
+        pipe = pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+    totals: dict[str, float] = {}
+    latents = initial_noise(frames, size, seed).to(device, torch_dtype)
+    with timed_calls(totals, "text", pipe, "encode_prompt"), \
+            timed_forwards(totals, "unet", pipe.unet, synchronizer(device)), phases("text+denoise"):
+        x0 = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=cfg, height=size, width=size,
+                  num_frames=frames, num_inference_steps=steps, latents=latents, output_type="latent").frames
+    with phases("decode"):
+        if family == "sdxl":
+            if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:  # as the pipeline itself does
+                pipe.upcast_vae()
+                x0 = x0.float()
+            frames_out = pipe.decode_latents(x0)
+        else:
+            frames_out = pipe.decode_latents(x0, decode_chunk_size=8)
+        video = pipe.video_processor.postprocess_video(video=frames_out, output_type="np")[0]
+    np.save(save, video)
+    phases.report(totals=totals)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser.add_argument("--sdxl", action="store_true", help="SDXL base + mm_sdxl_v10_beta (issue 5) instead of SD 1.5")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--size", type=int, default=256, help="height = width in pixels")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default 4 for SD 1.5, 2 for SDXL)")
+    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["ours", "diffusers"], help="run one contender")
+    parser.add_argument("--workdir", type=Path, default=REPO / ".bench", help="where the random files are cached")
+    args = parser.parse_args()
+    family = "sdxl" if args.sdxl else "sd15"
+    steps = args.steps or (2 if args.sdxl else 4)
+
+    base, motion = (ensure_checkpoint(args.workdir, name, dtype) for name, dtype in FILES[family])
+    setting = (f"{family} {args.device} {args.dtype} {args.size}x{args.size} {args.frames} frames {steps} "
+               f"{SCHEDULES[family][0]} steps cfg {args.cfg}")
+    print(f"{setting}; {base.name} + {motion.name}; torch {torch.__version__}, {torch.get_num_threads()} threads",
+          flush=True)
+    results, outputs = {}, {}
+    for name in (args.only,) if args.only else ("ours", "diffusers"):
+        outputs[name] = args.workdir / f"frames-{family}-{name}.npy"
+        kwargs = dict(family=family, base=str(base), motion=str(motion), device=args.device, dtype=args.dtype,
+                      size=args.size, frames=args.frames, steps=steps, cfg=args.cfg, seed=args.seed,
+                      save=str(outputs[name]))
+        if name == "diffusers":
+            kwargs["workdir"] = str(args.workdir)
+        results[name] = run_isolated(__file__, name, **kwargs)
+        print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+
+    o, d = results.get("ours"), results.get("diffusers")
+    get = lambda r, phase, key="s": r["phases"][phase][key] if r else None  # noqa: E731
+    total = lambda r, key: r["totals"].get(key) if r else None  # noqa: E731
+    denoise = lambda r: get(r, "text+denoise") - total(r, "text") if r else None  # noqa: E731
+    rows = [("load", get(o, "load"), get(d, "load"), "s"),
+            ("text encode", total(o, "text"), total(d, "text"), "s"),
+            ("denoise", denoise(o), denoise(d), "s"),
+            (f"  UNet forwards ({int(total(o or d, 'unet#'))})", total(o, "unet"), total(d, "unet"), "s"),
+            ("decode", get(o, "decode"), get(d, "decode"), "s"),
+            ("text+denoise+decode", o and get(o, "text+denoise") + get(o, "decode"),
+             d and get(d, "text+denoise") + get(d, "decode"), "s"),
+            ("peak RSS: load", get(o, "load", "rss"), get(d, "load", "rss"), "bytes"),
+            ("peak RSS: text+denoise", get(o, "text+denoise", "rss"), get(d, "text+denoise", "rss"), "bytes"),
+            ("peak RSS: decode", get(o, "decode", "rss"), get(d, "decode", "rss"), "bytes"),
+            ("peak RSS: process", o and o["peak_rss"], d and d["peak_rss"], "bytes"),
+            ("RSS after load", get(o, "text+denoise", "rss_start"), get(d, "text+denoise", "rss_start"), "bytes")]
+    if args.device.startswith("cuda"):
+        rows += [(f"peak GPU memory: {phase}", get(o, phase, "gpu"), get(d, phase, "gpu"), "bytes")
+                 for phase in ("load", "text+denoise", "decode")]
+    print_table(setting, rows)
+    if o and d:
+        ours_frames, their_frames = np.load(outputs["ours"]), np.load(outputs["diffusers"])
+        note = "; diffusers pools the v2 motion norm over frames, the original (and ours) per frame" * (family == "sd15")
+        print(f"frames {ours_frames.shape}: max |ours - diffusers| = {np.abs(ours_frames - their_frames).max():.4f} "
+              f"(0..1 scale{note})")
+        print(f"denoise speed-up {denoise(d) / denoise(o):.2f}x (target >= 1.2x); "
+              f"peak RSS ours/diffusers {o['peak_rss'] / d['peak_rss']:.2f} (target < 1)")
+
+
+if __name__ == "__main__":
+    main()
