@@ -158,3 +158,15 @@ def test_decode_keeps_frames_whole_up_to_sdxl_size(sd15):
         tiled = pipe.decode(x0, output_type="pt", batch_size=1, tiled=True, progress_bar=False)
     assert torch.allclose(ours, whole, atol=1e-5)
     assert not torch.allclose(tiled, whole, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_end_to_end_and_stays_close(dtype):
+    reference = run(tiny_sd15("v2").pipeline(), seed=0, num_frames=4, output_type="np")
+    models = tiny_sd15("v2")
+    for module in (models.unet, models.vae, *models.text_encoders, models.motion):
+        module.to(dtype)
+    pipe = models.pipeline()
+    assert pipe.dtype == dtype
+    frames = run(pipe, seed=0, num_frames=4, output_type="np")
+    assert np.isfinite(frames).all() and np.abs(frames - reference).mean() < 0.02

@@ -264,8 +264,7 @@ class TinyVideoModels:
         from vidsynth.pipelines.sdxl_video import SDXLVideoPipeline
 
         cls = SDXLVideoPipeline if self.family == "sdxl" else SDVideoPipeline
-        return cls(self.unet, self.vae, self.text_encoders, cls.make_tokenizers(), self.motion, device="cpu",
-                   dtype=torch.float32)
+        return cls(self.unet, self.vae, self.text_encoders, cls.make_tokenizers(), self.motion)  # device, dtype: the UNet's
 
     def diffusers_pipeline(self, scheduler):
         """diffusers' AnimateDiffPipeline (SD 1.5) or AnimateDiffSDXLPipeline with the same weights."""
