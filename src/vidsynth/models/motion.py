@@ -268,7 +268,8 @@ class TemporalTransformer(nn.Module):
         if bf % num_frames:
             raise ConfigError(f"batch of {bf} frame latents is not a whole number of {num_frames}-frame clips")
         b = bf // num_frames
-        x = group_norm(h, self.norm, num_frames if self.pool_norm else None)
+        # channels-last inputs (from the convolutions) crash the CPU attention backward in torch 2.13
+        x = group_norm(h.contiguous(), self.norm, num_frames if self.pool_norm else None)
         x = x.reshape(b, num_frames, c, height, width).permute(0, 3, 4, 1, 2).reshape(b * height * width, num_frames, c)
         x = self.proj_in(x)
         for block in self.transformer_blocks:

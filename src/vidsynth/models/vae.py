@@ -206,6 +206,7 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.upcast_decoder = True
+        self.scaling_factor = 0.18215  # latent scale of SD 1.5; ModelManager sets SDXL's 0.13025 for SDXL files
 
     def encode(self, images: torch.Tensor, *, sample: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:

@@ -29,7 +29,6 @@ from .stages import StageSetup, TrainModels, setup_stage
 log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SD15_LATENT_SCALE = 0.18215
 
 
 def derived_seed(*parts: int) -> int:
@@ -59,18 +58,6 @@ class StepBatches(Sampler):
             m += 1
 
 
-class _ContiguousSites:
-    """Hands the motion modules contiguous inputs: on the CPU (torch 2.13) the UNet's convolutions can return
-    channels-last tensors, and the temporal attention's backward pass then crashes the process (segfault)."""
-
-    def __init__(self, motion):
-        self.motion = motion
-
-    def site(self, name: str):
-        hook = self.motion.site(name)
-        return None if hook is None else (lambda h, num_frames: hook(h.contiguous(), num_frames))
-
-
 class NoisePredictor(nn.Module):
     """What accelerate wraps (and DDP synchronises): the UNet with the stage's motion modules and trainable part."""
 
@@ -80,8 +67,7 @@ class NoisePredictor(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         pool = self.motion is not None and self.motion.config.pool_resnet_norms
-        motion = None if self.motion is None else _ContiguousSites(self.motion)
-        return self.unet(x, timesteps, context, num_frames=num_frames, motion=motion, pool_resnet_norms=pool)
+        return self.unet(x, timesteps, context, num_frames=num_frames, motion=self.motion, pool_resnet_norms=pool)
 
 
 def make_accelerator(config: TrainConfig):
@@ -120,8 +106,6 @@ class Trainer:
                 module.gradient_checkpointing = config.gradient_checkpointing
         models.vae.eval()
         models.text_encoder.eval()
-        if not hasattr(models.vae, "scaling_factor"):  # ModelManager sets it; a VAE built directly has none
-            models.vae.scaling_factor = SD15_LATENT_SCALE
         self.latent_scale = models.vae.scaling_factor
         self.alphas = NoiseSchedule.from_betas(config.beta_schedule, config.beta_start,
                                                config.beta_end).alphas_cumprod.to(self.device)
