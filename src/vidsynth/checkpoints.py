@@ -234,7 +234,7 @@ def identify(ckpt: Checkpoint, *, motion_version: str | None = None) -> Checkpoi
     keys = shapes.keys()
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
 
-    lora_kind = _lora_kind(keys)
+    lora_kind = lora_kind_of(keys)
     if lora_kind:
         info.kind = lora_kind
         info.family = _lora_family(shapes, lora_kind)
@@ -309,7 +309,7 @@ def _text_config(shapes):
     return TextEncoderConfig.from_state_dict(shapes)
 
 
-def _lora_kind(keys) -> str | None:
+def lora_kind_of(keys) -> str | None:
     for key in keys:
         if key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
             return "lora_kohya"

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import Checkpoint, _lora_kind
+from .checkpoints import Checkpoint, lora_kind_of
 from .errors import CheckpointError, ConfigError
 
 LORA_KINDS = ("lora_kohya", "lora_diffusers", "motion_lora", "domain_adapter")
@@ -373,7 +373,7 @@ def build_lora(models: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor
     """Attach the LoRA in ``state`` to ``models`` (component name -> module) in run-time mode. Every layer of the
     file must resolve to a module of matching shape, or nothing is attached and a CheckpointError says what failed."""
     path = Path(path)
-    kind = kind or _lora_kind(state.keys())
+    kind = kind or lora_kind_of(state.keys())
     if kind not in LORA_KINDS:
         raise CheckpointError(f"{path}: not a LoRA file (no lora_down/lora_up, lora_A/lora_B or *_lora.down keys)")
     pairs, unknown = read_pairs(state)
@@ -421,4 +421,4 @@ def build_lora(models: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor
 def attach_lora(manager, path: str | Path, lora_alpha: float = 1.0) -> LoRA:
     """Read the LoRA file at ``path`` and attach it to ``manager.models`` (run-time mode, ``alpha = lora_alpha``)."""
     ckpt = Checkpoint(path)
-    return build_lora(manager.models, ckpt.state_dict(), path=path, kind=_lora_kind(ckpt.keys()), alpha=lora_alpha)
+    return build_lora(manager.models, ckpt.state_dict(), path=path, kind=lora_kind_of(ckpt.keys()), alpha=lora_alpha)
