@@ -140,7 +140,7 @@ def run_isolated(script: str | Path, worker: str, **kwargs) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(script).parent), os.environ.get("PYTHONPATH")]))}
     code = (f"import json, sys; import {Path(script).stem} as bench; "
             f"bench.{worker}(**json.loads(sys.argv[1]))")
-    start = time.perf_counter()
+    load_before, start = os.getloadavg()[0], time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], env=env, stdout=subprocess.PIPE,
                           text=True)
     wall = time.perf_counter() - start
@@ -149,7 +149,8 @@ def run_isolated(script: str | Path, worker: str, **kwargs) -> dict:
         sys.stdout.write(proc.stdout)
         raise SystemExit(f"{worker} failed (exit {proc.returncode})")
     result = json.loads(lines[-1][len(RESULT_MARK):])
-    result["wall_s"] = wall
+    # the machine may be shared: CPU contention shows in the load average (2 = our own 2 threads on 2 cores)
+    result.update(wall_s=wall, load_avg=(load_before, os.getloadavg()[0]))
     return result
 
 
@@ -157,8 +158,10 @@ def gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def print_table(title: str, rows: list[tuple[str, float | None, float | None, str]], names=("ours", "diffusers")):
-    """rows: (label, ours, theirs, unit) with unit "s" or "bytes"; ratio = ours / theirs."""
+def print_table(title: str, rows: list[tuple[str, float | None, float | None, str]], names=("ours", "diffusers"),
+                results: tuple[dict | None, ...] = ()):
+    """rows: (label, ours, theirs, unit) with unit "s" or "bytes"; ratio = ours / theirs. ``results`` (as returned by
+    run_isolated) adds the 1-minute load average at the start and end of each contender's run."""
     print(f"\n{title}")
     print(f"{'':28s} {names[0]:>12s} {names[1]:>12s} {'ours/theirs':>12s}")
     for label, ours, theirs, unit in rows:
@@ -166,6 +169,9 @@ def print_table(title: str, rows: list[tuple[str, float | None, float | None, st
         cells = [fmt(v) if v is not None else "-" for v in (ours, theirs)]
         ratio = f"{ours / theirs:12.2f}" if ours is not None and theirs else f"{'-':>12s}"
         print(f"{label:28s} {cells[0]:>12s} {cells[1]:>12s} {ratio}")
+    if results:
+        loads = ["{:.1f}..{:.1f}".format(*r["load_avg"]) if r else "-" for r in results]
+        print(f"{'load average (start..end)':28s} {loads[0]:>12s} {loads[1]:>12s}")
 
 
 def ensure_checkpoint(workdir: Path, manifest: str, dtype: str | None = None) -> Path:

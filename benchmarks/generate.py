@@ -173,7 +173,7 @@ def main() -> None:
     if args.device.startswith("cuda"):
         rows += [(f"peak GPU memory: {phase}", get(o, phase, "gpu"), get(d, phase, "gpu"), "bytes")
                  for phase in ("load", "text+denoise", "decode")]
-    print_table(setting, rows)
+    print_table(setting, rows, results=(o, d))
     if o and d:
         ours_frames, their_frames = np.load(outputs["ours"]), np.load(outputs["diffusers"])
         note = "; diffusers pools the v2 motion norm over frames, the original (and ours) per frame" * (family == "sd15")

@@ -89,7 +89,7 @@ def main() -> None:
             ("peak RSS during load", o["phases"]["load"]["rss"], d["phases"]["load"]["rss"], "bytes"),
             ("process wall time (+import)", o["wall_s"], d["wall_s"], "s"),
             ("peak RSS (process)", o["peak_rss"], d["peak_rss"], "bytes"),
-            ("weights in memory", weights, d["weights"], "bytes")])
+            ("weights in memory", weights, d["weights"], "bytes")], results=(o, d))
         print(f"our peak RSS / weights = {o['peak_rss'] / weights:.2f} (target <= 1.3); "
               f"diffusers {d['peak_rss'] / d['weights']:.2f}")
         if "gpu" in o["phases"]["load"]:
