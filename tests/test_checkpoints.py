@@ -93,3 +93,14 @@ def test_ckpt_wrapper_and_non_tensor_entries(tmp_path):
     ckpt = Checkpoint(path)
     assert ckpt.shapes == {"a.weight": (2,)}
     assert torch.equal(ckpt.tensor("a.weight"), torch.ones(2))
+
+
+@pytest.mark.parametrize("target", [torch.float16, torch.bfloat16, torch.float64])
+def test_conversion_through_the_chunk_buffer_is_exact(tmp_path, target):
+    big = torch.randn(3, 2_000_000)  # 24 MB: more than one 16 MiB staging chunk
+    path = tmp_path / "big.safetensors"
+    save_file({"big": big, "small": torch.randn(5).half()}, path)
+    ckpt = Checkpoint(path)
+    assert torch.equal(ckpt.tensor("big", target), big.to(target))
+    assert torch.equal(ckpt.tensor("small", target), ckpt.tensor("small").to(target))
+    assert torch.equal(ckpt.tensor("big"), big)

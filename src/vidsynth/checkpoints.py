@@ -32,6 +32,7 @@ class Checkpoint:
         if self.path.stat().st_size == 0:
             raise CheckpointError(f"{self.path}: the file is empty (an interrupted download?); download it again")
         self._header: dict[str, dict] | None = None
+        self._chunk = torch.empty(1 << 24, dtype=torch.uint8)  # 16 MiB staging buffer for dtype conversion
         self._tensors: dict[str, torch.Tensor] | None = None
         if _looks_like_safetensors(self.path):
             self.format = "safetensors"
@@ -59,19 +60,33 @@ class Checkpoint:
                 counts[dtype] = counts.get(dtype, 0) + _numel(shape)
         return max(counts, key=counts.get) if counts else torch.float32
 
-    def tensor(self, key: str) -> torch.Tensor:
+    def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, floating-point ones converted to ``dtype`` when given."""
         if self._tensors is not None:
-            return self._tensors[key]
-        # read() into a fresh buffer instead of mapping the file: the page cache is not charged to this process,
-        # so loading costs the weights' size in memory and no more
+            t = self._tensors[key]
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
         entry = self._header[key]
+        stored = _SAFETENSORS_DTYPES[entry["dtype"]]
+        target = dtype if dtype is not None and stored.is_floating_point else stored
+        # read() rather than mapping the file: the page cache is not charged to this process, so loading costs the
+        # weights' size in memory and no more. A conversion goes through one reused chunk buffer, straight into the
+        # result, so the stored copy of a tensor is never held whole.
         begin, end = entry["data_offsets"]
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        out = torch.empty(entry["shape"], dtype=target)
+        flat = out.view(-1).view(torch.uint8) if target == stored else out.view(-1)
+        step = len(self._chunk) // stored.itemsize * stored.itemsize if target != stored else end - begin
         with open(self.path, "rb") as f:
             f.seek(self._data_start + begin)
-            if f.readinto(buffer.numpy()) != end - begin:
-                raise CheckpointError(f"{self.path}: tensor {key!r} is cut short; the file is truncated, download it again")
-        return buffer.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+            for offset in range(0, end - begin, max(step, 1)):
+                size = min(step, end - begin - offset)
+                sink = flat[offset:offset + size] if target == stored else self._chunk[:size]
+                if f.readinto(sink.numpy()) != size:
+                    raise CheckpointError(f"{self.path}: tensor {key!r} is cut short; the file is truncated, "
+                                          "download it again")
+                if target != stored:
+                    first = offset // stored.itemsize
+                    flat[first:first + size // stored.itemsize].copy_(sink.view(stored))
+        return out
 
     def state_dict(self, prefix: str = "", *, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
@@ -81,9 +96,7 @@ class Checkpoint:
     def iter_tensors(self, prefix: str = "", *, dtype=None, device=None) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self.shapes:
             if key.startswith(prefix):
-                t = self.tensor(key)
-                target = dtype if dtype is not None and t.is_floating_point() else t.dtype
-                yield key[len(prefix):], t.to(device=device, dtype=target)
+                yield key[len(prefix):], self.tensor(key, dtype).to(device)
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.shapes)} tensors)"

@@ -102,7 +102,8 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (m(y).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))
-        out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
+        # contiguous NCHW again: a channels-last-strided conv input makes oneDNN reorder the weights on every call
+        out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w).contiguous()
         return x + self.proj_out(out)
 
 
