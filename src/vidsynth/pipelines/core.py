@@ -64,7 +64,7 @@ class VideoPipeline:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------- call
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, prompt: str, negative_prompt: str = "", cfg_scale: float | None = None, height: int = 512,
                  width: int = 512, num_frames: int = 16, num_inference_steps: int | None = None, *,
                  seed: int | None = None, generator: torch.Generator | None = None, sampler: str | None = None,
