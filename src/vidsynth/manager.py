@@ -18,35 +18,26 @@ def build_component(ckpt: Checkpoint, component: Component, *, dtype: torch.dtyp
     """Build the module of ``component`` on the meta device and fill it from the file, strictly."""
     with torch.device("meta"):
         module = _constructor(component)(component.config)
-    state = ckpt.state_dict(component.prefix, dtype=dtype, device=device)
     expected = module.state_dict()
-    for key in expected:
-        if key.endswith("position_ids") and key not in state:  # some SD 1.5 files drop this constant buffer
-            state[key] = torch.arange(expected[key].shape[-1], device=device).expand(expected[key].shape)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
+    stored = {k[len(component.prefix):] for k in ckpt.shapes if k.startswith(component.prefix)}
+    # some SD 1.5 files drop the constant position_ids buffer: rebuilt below
+    filled = {k for k in expected if k.endswith("position_ids") and k not in stored}
+    missing = sorted(set(expected) - stored - filled)
+    unexpected = sorted(stored - set(expected))
+    if missing or unexpected:  # checked on the key sets, before any tensor is read
         raise CheckpointError(
             f"{ckpt.path}: the {component.name} weights under {component.prefix or 'the top level'!r} do not match the "
             f"model read off their shapes: {len(missing)} missing ({', '.join(missing[:5])}"
             f"{' ...' if len(missing) > 5 else ''}), {len(unexpected)} unexpected ({', '.join(unexpected[:5])}"
             f"{' ...' if len(unexpected) > 5 else ''})")
+    state = ckpt.state_dict(component.prefix, dtype=dtype, device=device)
+    for key in filled:
+        state[key] = torch.arange(expected[key].shape[-1], device=device).expand(expected[key].shape)
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:  # shape mismatches
         raise CheckpointError(f"{ckpt.path}: {component.name} weights do not fit: {err}") from None
-    _materialize_leftovers(module, device)
     return module.eval().requires_grad_(False)
-
-
-def _materialize_leftovers(module: nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers are not in the file; modules rebuild them through ``reset_buffers()``."""
-    for sub in module.modules():
-        if any(b.is_meta for b in sub.buffers(recurse=False)):
-            if not hasattr(sub, "reset_buffers"):
-                raise RuntimeError(f"{type(sub).__name__} has a non-persistent buffer and no reset_buffers()")
-            sub.to_empty(device=device, recurse=False)
-            sub.reset_buffers()
 
 
 def _constructor(component: Component):
