@@ -68,3 +68,22 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert err.startswith("vidsynth: error:") and "junk.ckpt" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         main(["generate", "--base", "x", "--prompt", "p", "--size", "big", "-o", "o.mp4"])
+
+
+def test_reloading_a_model_takes_its_loras_off(tiny_files, tmp_path, caplog):
+    from vidsynth import ModelManager
+
+    base, motion = tiny_files
+    site = "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor"
+    lora = {f"{site}.to_q_lora.down.weight": torch.randn(4, 32), f"{site}.to_q_lora.up.weight": torch.randn(32, 4)}
+    torch.save(lora, tmp_path / "tiny_motion_lora.ckpt")
+    manager = ModelManager(torch_dtype=torch.float32, device="cpu")
+    manager.load_models([base, motion, tmp_path / "tiny_motion_lora.ckpt"])
+    assert [lora.name for lora in manager.loras] == ["tiny_motion_lora"]
+    old = manager.motion_modules
+    manager.load_model(base)  # another base: the MotionLoRA sits on the motion modules and stays
+    assert len(manager.loras) == 1
+    manager.load_model(motion)  # new motion modules: the LoRA's hooks would stay on the old ones
+    assert manager.loras == [] and "removed LoRA tiny_motion_lora" in caplog.text
+    assert manager.motion_modules is not old
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in old.modules())

@@ -1,6 +1,7 @@
 """ModelManager: checkpoint files -> modules on the chosen device and dtype (DiffSynth-compatible surface)."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from .checkpoints import Checkpoint, CheckpointInfo, Component, identify
 from .errors import CheckpointError, ConfigError
 
 VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
+logger = logging.getLogger(__name__)
 
 
 def build_component(ckpt: Checkpoint, component: Component, *, dtype: torch.dtype,
@@ -87,6 +89,7 @@ class ModelManager:
             self.load_lora(path)
             return info
         self._check_family(info)
+        self._detach_loras_of({c.name for c in info.components if c.name in self.models})
         for component in info.components:
             family = info.family or self.family or "sd15"
             module = build_component(ckpt, component, dtype=self._dtype_for(component, family), device=self.device)
@@ -97,6 +100,13 @@ class ModelManager:
         if info.family and info.kind != "motion_module":
             self.family = info.family
         return info
+
+    def _detach_loras_of(self, replaced: set[str]) -> None:
+        """LoRAs on a model about to be replaced would keep hooks on the old one: take them off, and say so."""
+        for lora in [lora for lora in self.loras if any(layer.target.component in replaced for layer in lora.layers)]:
+            self.remove_lora(lora)
+            logger.warning("removed LoRA %s: the %s it was applied to was replaced; load it again if still wanted",
+                           lora.name, "/".join(sorted(replaced)))
 
     def _dtype_for(self, component: Component, family: str) -> torch.dtype:
         # the SDXL VAE overflows in float16 (black / NaN frames); at 84M parameters float32 costs little
