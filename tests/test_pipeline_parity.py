@@ -23,7 +23,8 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")]
 
 from tiny_models import TinyVideoModels, tiny_sd15, tiny_sdxl  # noqa: E402
 
@@ -32,13 +33,6 @@ FRAMES, HEIGHT, WIDTH, STEPS, CFG = 4, 64, 128, 3, 7.5
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors on a shared 2-core box: a second intra-op thread mostly waits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def scheduler(sampler: str, version: str):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # diffusers + numpy 2 warn about __array__
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 
 from vidsynth.errors import ConfigError  # noqa: E402
 from vidsynth.sampling import (  # noqa: E402
@@ -26,13 +27,6 @@ from vidsynth.sampling import (  # noqa: E402
     validate,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these are tiny tensors: a second OpenMP thread only adds synchronisation (8x slower on a loaded 2-core box)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 SHAPE = (1, 4, 3, 6, 6)  # (batch, channels, frames, height, width): a tiny video latent

@@ -27,13 +27,7 @@ TINY_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel
                        transformer_depth=(1, 1), transformer_depth_middle=1, context_dim=32, num_heads=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two threads on a shared, busy 2-core box are ~5x slower than one for these tiny ops
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def moving_square(x0: int, color: tuple[int, int, int], frames: int = VIDEO_FRAMES) -> np.ndarray:

@@ -22,14 +22,7 @@ TINY_SDXL = UNetConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On the shared 2-core box a second intra-op thread mostly spin-waits: tiny models run 20x slower with it and
-    the full-size forward 2x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_unet(config: UNetConfig, seed: int = 0) -> UNetModel:
