@@ -87,3 +87,19 @@ def test_reloading_a_model_takes_its_loras_off(tiny_files, tmp_path, caplog):
     assert manager.loras == [] and "removed LoRA tiny_motion_lora" in caplog.text
     assert manager.motion_modules is not old
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in old.modules())
+
+
+def test_models_of_two_families_do_not_mix(tiny_files, tmp_path):
+    from vidsynth import ModelManager
+    from vidsynth.errors import ConfigError
+    from vidsynth.models.unet import UNetConfig, UNetModel
+
+    sdxl_like = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                           transformer_depth=(0, 1), transformer_depth_middle=1, context_dim=64,
+                           num_head_channels=16, use_linear_in_transformer=True, adm_in_channels=64)
+    save_file({"model.diffusion_model." + k: v for k, v in UNetModel(sdxl_like).state_dict().items()},
+              tmp_path / "sdxl_unet.safetensors")
+    manager = ModelManager(torch_dtype=torch.float32, device="cpu")
+    manager.load_model(tiny_files[0])
+    with pytest.raises(ConfigError, match="new ModelManager"):
+        manager.load_model(tmp_path / "sdxl_unet.safetensors")

@@ -234,3 +234,14 @@ def test_sampling_defaults():
     assert sampling_defaults("lightning", "animatediff_lightning_8step_comfyui.safetensors")["steps"] == 8
     assert sampling_defaults("lightning")["timestep_spacing"] == "trailing"
     assert sampling_defaults("v3", "x_8step.ckpt")["steps"] == 25
+
+
+def test_lightning_default_steps_come_from_the_file_name(shared_dir):
+    import json
+
+    layout = json.loads((shared_dir / "checkpoint-layouts" / "animatediff_lightning_4step_comfyui.safetensors.json")
+                        .read_text())["tensors"]
+    for steps in (1, 2, 8):
+        config = MotionConfig.from_state_dict(layout, filename=f"/x/animatediff_lightning_{steps}step_comfyui.safetensors")
+        assert config.version == "lightning" and config.sampling_defaults()["steps"] == steps
+    assert MotionConfig.from_state_dict(layout, filename="mm.ckpt").sampling_defaults()["steps"] == 25

@@ -323,3 +323,14 @@ def test_config_names_unknown_keys_and_the_cli_reports_errors(tmp_path, capsys):
     assert loaded.learning_rate == 1e-3 and loaded.validation_prompts == ["a", "b"] and loaded.frames == 16
     assert cli_main(["train", "motion-module", "--config", str(path)]) == 2
     assert "base" in capsys.readouterr().err
+
+
+def test_config_types_are_checked_for_optional_and_list_settings():
+    from vidsynth.train.config import TrainConfig
+
+    assert TrainConfig.from_dict({"validation_prompts": "a cat"}).validation_prompts == ["a cat"]
+    assert TrainConfig.from_dict({"rank": None}).rank is None
+    for bad in ({"rank": "abc"}, {"rank": 64.0}, {"validation_prompts": [1, 2]}, {"validation_format": "mov"},
+                {"lr_warmup_steps": -1}):
+        with pytest.raises(ConfigError):
+            TrainConfig.from_dict(bad)

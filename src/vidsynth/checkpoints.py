@@ -32,7 +32,7 @@ class Checkpoint:
         if self.path.stat().st_size == 0:
             raise CheckpointError(f"{self.path}: the file is empty (an interrupted download?); download it again")
         self._header: dict[str, dict] | None = None
-        self._chunk = torch.empty(1 << 24, dtype=torch.uint8)  # 16 MiB staging buffer for dtype conversion
+        self._chunk: torch.Tensor | None = None  # staging buffer for dtype conversion, made on first use
         self._tensors: dict[str, torch.Tensor] | None = None
         if _looks_like_safetensors(self.path):
             self.format = "safetensors"
@@ -74,6 +74,8 @@ class Checkpoint:
         begin, end = entry["data_offsets"]
         out = torch.empty(entry["shape"], dtype=target)
         flat = out.view(-1).view(torch.uint8) if target == stored else out.view(-1)
+        if target != stored and self._chunk is None:
+            self._chunk = torch.empty(1 << 24, dtype=torch.uint8)  # 16 MiB
         step = len(self._chunk) // stored.itemsize * stored.itemsize if target != stored else end - begin
         with open(self.path, "rb") as f:
             f.seek(self._data_start + begin)

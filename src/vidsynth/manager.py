@@ -118,6 +118,10 @@ class ModelManager:
         if info.kind == "motion_module" and self.family and info.family != self.family:
             raise ConfigError(f"{info.path}: a motion module for {info.family} cannot drive the {self.family} model "
                               f"already loaded; load a {self.family} motion module")
+        if info.kind != "motion_module" and self.family and info.family and info.family != self.family:
+            raise ConfigError(f"{info.path}: a {info.family} model cannot join the {self.family} models this "
+                              "ModelManager holds (their text encoders, VAE scale and UNet differ); use a new "
+                              "ModelManager for it")
         base_family = self.infos.get("motion_modules") and self.infos["motion_modules"].family
         if info.kind != "motion_module" and base_family and info.family and info.family != base_family:
             raise ConfigError(f"{info.path}: a {info.family} model does not fit the {base_family} motion module "

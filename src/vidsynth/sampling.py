@@ -231,7 +231,7 @@ def validate(config: SamplerConfig, steps: int) -> None:
                           f"(too many steps for this spacing); use fewer steps")
 
 
-def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
+def seeded_randn_like(like: Tensor, generator: torch.Generator | None) -> Tensor:
     # a CPU generator draws on the CPU and the draw moves to the latent's device, as diffusers' randn_tensor does,
     # so a seed gives the same video on every device
     device = generator.device if generator is not None else like.device
@@ -317,7 +317,7 @@ def sample(
     validate(config, steps)
     plan = sampling_plan(config, steps)
     work = torch.promote_types(noise.dtype, torch.float32)
-    rule = _RULES[config.sampler](config, plan, lambda: _randn(noise, generator).to(work))
+    rule = _RULES[config.sampler](config, plan, lambda: seeded_randn_like(noise, generator).to(work))
     timesteps = plan.timesteps.to(device=noise.device, dtype=torch.float32)
     x = noise.to(work) * (plan.init_sigma / math.sqrt(1 + plan.sigmas[0].item() ** 2))
     for i in range(steps):

@@ -82,6 +82,10 @@ class MotionConfig:
     pe_length: int
     heads: int = 8
     pe_in_file: bool = True  # False for re-saved files without pos_encoder.pe: the tables are then built, not loaded
+    filename: str | None = field(default=None, compare=False)  # Lightning's name carries its distilled step count
+
+    def sampling_defaults(self) -> dict:
+        return sampling_defaults(self.version, self.filename)
 
     @property
     def pool_motion_norm(self) -> bool:
@@ -117,7 +121,7 @@ class MotionConfig:
             pe_length = 24 if version == "v1" else 32
             reason += f"; no pos_encoder.pe in the file: PE length {pe_length} assumed (the {version} default)"
         return cls(version=version, version_reason=reason, sites=sites, pe_length=pe_length,
-                   pe_in_file=bool(pe_lengths))
+                   pe_in_file=bool(pe_lengths), filename=PurePath(filename).name if filename else None)
 
 
 def _read_sites(shapes: Mapping[str, Sequence[int]], filename: str | None) -> tuple[dict[str, int], set[int]]:
@@ -333,9 +337,10 @@ class MotionModuleSet(nn.Module):
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        device = next(self.parameters()).device
         for module in self.modules():  # files without pos_encoder.pe: a set built on "meta" still needs its tables
             if isinstance(module, PositionalEncoding) and module.pe.is_meta:
-                module.pe = sinusoid_table(*module.pe.shape[1:])
+                module.pe = sinusoid_table(*module.pe.shape[1:]).to(device)
         return result
 
     @classmethod

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..sampling import seeded_randn_like
 from .layers import attention
 
 
@@ -218,7 +219,7 @@ class AutoencoderKL(nn.Module):
         mean, logvar = self.quant_conv(self.encoder(images.to(p.device, p.dtype))).chunk(2, dim=1)
         if not sample:
             return mean
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise = seeded_randn_like(mean, generator)
         return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
 
     def decode(self, latents: torch.Tensor, *, tile: bool | None = None, tile_size: int = 64,

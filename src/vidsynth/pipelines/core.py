@@ -95,9 +95,11 @@ class VideoPipeline:
         prompts = [negative_prompt, prompt] if use_cfg else [prompt]
         cond = self.encode_prompts(prompts, clip_skip=clip_skip, height=height, width=width, **extra)
         shape = (1, 4, num_frames, height // 8, width // 8)
-        noise = latents if latents is not None else torch.randn(shape, generator=generator, dtype=torch.float32)
+        if latents is None:  # drawn on the generator's device (the CPU by default): one seed, one video everywhere
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32,
+                                  device=generator.device if generator is not None else "cpu")
         # the sampler sees (1, 4, f, h, w) like diffusers, so its extra noise draws (eta, ancestral, LCM) match
-        x = noise.to(self.device, torch.float32)
+        x = latents.to(self.device, torch.float32)
 
         eps = self.make_denoiser(cond, cfg_scale, num_frames, window, context_overlap, closed_loop, motion_scale)
         bar = tqdm(total=steps, desc="denoising", disable=not progress_bar)
@@ -114,8 +116,7 @@ class VideoPipeline:
     def default_sampling(self) -> dict:
         if self.motion_modules is None:
             return dict(FALLBACK_SAMPLING)
-        from ..models.motion import DEFAULT_SAMPLING
-        return {**FALLBACK_SAMPLING, **DEFAULT_SAMPLING[self.motion_modules.config.version]}
+        return {**FALLBACK_SAMPLING, **self.motion_modules.config.sampling_defaults()}
 
     @staticmethod
     def sampler_config(defaults: dict, sampler: str | None, options: dict) -> sampling.SamplerConfig:
@@ -170,7 +171,7 @@ class VideoPipeline:
                progress_bar: bool):
         from ..video_io import frames_to_pil
 
-        latents = (x0 / self.vae.scaling_factor).to(next(self.vae.parameters()).dtype)
+        latents = x0 / self.vae.scaling_factor  # the VAE casts to its decoder's dtype
         pixels = latents.shape[-2] * latents.shape[-1]
         # whole frames up to SDXL's native 1024 px, as the original pipelines decode; tiles only beyond that
         tiled = pixels > 128 * 128 if tiled is None else tiled

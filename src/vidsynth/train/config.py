@@ -87,6 +87,10 @@ class TrainConfig:
             (self.rank is None or self.rank >= 1, f"rank must be at least 1, got {self.rank}"),
             (self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
+            (self.lr_warmup_steps >= 0, f"lr_warmup_steps must be at least 0, got {self.lr_warmup_steps}"),
+            (self.validation_steps >= 1, f"validation_steps must be at least 1, got {self.validation_steps}"),
+            (self.validation_format in ("mp4", "webm", "gif", "webp"),
+             f"validation_format must be 'mp4', 'webm', 'gif' or 'webp', got {self.validation_format!r}"),
         ]
         problems = [message for ok, message in checks if not ok]
         for name in ("size", "validation_size"):
@@ -131,6 +135,15 @@ class TrainConfig:
 def _coerce(key: str, value: Any) -> Any:
     """YAML reads ``1e-4`` (no dot) as a string; numbers must still be numbers."""
     kind = next(f.type for f in fields(TrainConfig) if f.name == key)
+    if kind.endswith(" | None"):
+        if value is None:
+            return None
+        kind = kind.removesuffix(" | None")
+    if kind == "list[str]":
+        value = [value] if isinstance(value, str) else value
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"setting {key!r} must be a list of strings, got {value!r}")
+        return value
     if kind == "float" and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)

@@ -51,14 +51,14 @@ def read_captions(file: Path) -> list[tuple[str, str | None]]:
         raise ConfigError(f"caption file {str(file)!r} does not exist; give `captions:` a CSV or JSONL file")
     if file.suffix.lower() in (".jsonl", ".json"):
         rows = []
-        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise ConfigError(f"{file}, line {n}: not valid JSON ({err})") from None
     else:
-        with file.open(newline="", encoding="utf-8") as handle:
+        with file.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a byte-order mark
             rows = list(csv.DictReader(handle))
     if not rows:
         return []

@@ -222,6 +222,7 @@ class Trainer:
                 validated = bool(config.validation_every) and step % config.validation_every == 0
                 if validated:
                     self.validate(step)
+                    acc.wait_for_everyone()  # other ranks wait here, not in the next step's gradient all-reduce
                 if on_step is not None:
                     on_step(step, value)
         except KeyboardInterrupt:
@@ -231,12 +232,13 @@ class Trainer:
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
-        if not validated:
-            self.validate(step)
         out = self.config.output_file(self.stage)
-        if acc.is_main_process:
+        if acc.is_main_process:  # the result is written first: a failing validation must not cost it
             save_file(self.setup.export(), out)
         acc.wait_for_everyone()
+        if not validated:
+            self.validate(step)
+            acc.wait_for_everyone()
         return out
 
     # ------------------------------------------------------------------------------------- checkpoints, logs
