@@ -212,7 +212,8 @@ def test_files_without_pe_tables(shared_dir):
     motion.load_state_dict({k: torch.empty(shape, device="meta") for k, shape in v1.items()}, strict=True, assign=True)
     table = motion.up_blocks[3].motion_modules[2].temporal_transformer.transformer_blocks[0] \
         .attention_blocks[0].pos_encoder.pe
-    torch.testing.assert_close(table, sinusoid_table(24, 320))
+    # built on the device of the loaded parameters (meta here: real loads put both on the CPU or GPU)
+    assert table.shape == sinusoid_table(24, 320).shape and table.device == next(motion.parameters()).device
     assert hash(config) == hash(MotionConfig.from_state_dict(v1, filename="/AnimateLCM/mm_sd_v14.ckpt"))
 
 
@@ -245,3 +246,18 @@ def test_lightning_default_steps_come_from_the_file_name(shared_dir):
         config = MotionConfig.from_state_dict(layout, filename=f"/x/animatediff_lightning_{steps}step_comfyui.safetensors")
         assert config.version == "lightning" and config.sampling_defaults()["steps"] == steps
     assert MotionConfig.from_state_dict(layout, filename="mm.ckpt").sampling_defaults()["steps"] == 25
+
+
+def test_tables_of_a_file_without_them_are_built_where_the_weights_are():
+    from tiny_models import tiny_motion, tiny_unet
+
+    full = tiny_motion(tiny_unet(), "v1").state_dict()
+    state = {k: v.clone() for k, v in full.items() if not k.endswith("pos_encoder.pe")}
+    config = MotionConfig.from_state_dict({k: v.shape for k, v in state.items()}, filename="mm_sd_v15.ckpt")
+    with torch.device("meta"):
+        motion = MotionModuleSet(config)
+    motion.load_state_dict(state, strict=True, assign=True)
+    for key, value in motion.state_dict().items():
+        if key.endswith("pos_encoder.pe"):
+            assert value.device.type == "cpu"
+            torch.testing.assert_close(value, sinusoid_table(24, value.shape[-1]))
