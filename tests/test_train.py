@@ -213,6 +213,9 @@ def test_interrupt_and_resume_continue_the_loss_curve_exactly(data, tmp_path):
     assert len((whole / "loss.csv").read_text().splitlines()) == 7
     a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    changed = dict(settings, rank=8)
+    with pytest.raises(ConfigError, match="does not fit this configuration"):
+        Trainer("motion-lora", config(data, split, resume="latest", **changed), tiny_models("random")).run()
 
 
 def test_gradient_checkpointing_gives_the_same_losses(data, tmp_path):
@@ -334,3 +337,12 @@ def test_config_types_are_checked_for_optional_and_list_settings():
                 {"lr_warmup_steps": -1}):
         with pytest.raises(ConfigError):
             TrainConfig.from_dict(bad)
+
+
+def test_jsonl_rows_that_are_not_objects_are_refused(tmp_path):
+    from vidsynth.train.data import read_captions
+
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"path": "a.mp4", "caption": "a cat"}\n["b.mp4", "a dog"]\n')
+    with pytest.raises(ConfigError, match=r"rows \[2\]"):
+        read_captions(captions)

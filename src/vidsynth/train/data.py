@@ -62,7 +62,10 @@ def read_captions(file: Path) -> list[tuple[str, str | None]]:
             rows = list(csv.DictReader(handle))
     if not rows:
         return []
-    columns = set().union(*(row.keys() for row in rows if isinstance(row, dict)))
+    not_objects = [n for n, row in enumerate(rows, 1) if not isinstance(row, dict)]
+    if not_objects:
+        raise ConfigError(f"{file}: rows {not_objects[:5]} are not objects with a path and a caption")
+    columns = {str(c) for row in rows for c in row}
     path_key = next((c for c in PATH_COLUMNS if c in columns), None)
     caption_key = next((c for c in CAPTION_COLUMNS if c in columns), None)
     if path_key is None or caption_key is None:

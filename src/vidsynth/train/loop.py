@@ -282,11 +282,19 @@ class Trainer:
         path = path / "state.pt" if path.is_dir() else path
         if not path.is_file():
             raise ConfigError(f"resume: {str(path)!r} does not exist; give a checkpoints/step-NNNNNN folder or 'latest'")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("stage") != self.stage:
-            raise ConfigError(f"resume: {path} is a {state.get('stage')} checkpoint, not {self.stage}")
-        self.setup.trainable.load_state_dict(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:  # our own checkpoint format: RNG states and the config need the full unpickler
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ConfigError(f"resume: {path} is not a vidsynth training checkpoint ({err})") from None
+        if not isinstance(state, dict) or state.get("stage") != self.stage:
+            stage = state.get("stage") if isinstance(state, dict) else None
+            raise ConfigError(f"resume: {path} is a {stage} checkpoint, not {self.stage}")
+        try:
+            self.setup.trainable.load_state_dict(state["trainable"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ConfigError(f"resume: {path} does not fit this configuration (rank, motion module or layout "
+                              f"changed?): {str(err).splitlines()[0]}") from None
         if state.get("scaler") and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
