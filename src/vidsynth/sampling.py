@@ -205,8 +205,8 @@ def _choice(what: str, value: object, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
-def validate(config: SamplerConfig, steps: int) -> None:
-    """Raise ConfigError, naming the fix, if ``config`` cannot sample ``steps`` steps."""
+def validate(config: SamplerConfig, steps: int) -> SamplingPlan:
+    """Raise ConfigError, naming the fix, if ``config`` cannot sample ``steps`` steps; else return the plan."""
     _choice("sampler", config.sampler, SAMPLERS)
     _choice("beta_schedule", config.beta_schedule, BETA_SCHEDULES)
     _choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
@@ -229,6 +229,7 @@ def validate(config: SamplerConfig, steps: int) -> None:
     if not bool((plan.sigmas > plan.sigmas_next).all()):
         raise ConfigError(f"{steps} steps with timestep_spacing={config.timestep_spacing!r} repeat a noise level "
                           f"(too many steps for this spacing); use fewer steps")
+    return plan
 
 
 def seeded_randn_like(like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -314,8 +315,7 @@ def sample(
     noise.dtype. ``callback(i, steps)`` runs after each step; ``trace``, if given, receives the VP-scaled state after
     each step (diffusers' ``prev_sample``; Euler's divided by sqrt(1 + sigma_next^2)).
     """
-    validate(config, steps)
-    plan = sampling_plan(config, steps)
+    plan = validate(config, steps)
     work = torch.promote_types(noise.dtype, torch.float32)
     rule = _RULES[config.sampler](config, plan, lambda: seeded_randn_like(noise, generator).to(work))
     timesteps = plan.timesteps.to(device=noise.device, dtype=torch.float32)
