@@ -418,7 +418,9 @@ def build_lora(models: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor
     return lora
 
 
-def attach_lora(manager, path: str | Path, lora_alpha: float = 1.0) -> LoRA:
-    """Read the LoRA file at ``path`` and attach it to ``manager.models`` (run-time mode, ``alpha = lora_alpha``)."""
-    ckpt = Checkpoint(path)
-    return build_lora(manager.models, ckpt.state_dict(), path=path, kind=lora_kind_of(ckpt.keys()), alpha=lora_alpha)
+def attach_lora(manager, source: str | Path | Checkpoint, lora_alpha: float = 1.0) -> LoRA:
+    """Read the LoRA file (a path, or one already open) and attach it to ``manager.models`` (run-time mode,
+    ``alpha = lora_alpha``)."""
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
+    return build_lora(manager.models, ckpt.state_dict(), path=ckpt.path, kind=lora_kind_of(ckpt.keys()),
+                      alpha=lora_alpha)

@@ -86,7 +86,7 @@ class ModelManager:
         ckpt = Checkpoint(path)
         info = identify(ckpt, motion_version=motion_version)
         if info.kind.startswith("lora") or info.kind in ("motion_lora", "domain_adapter"):
-            self.load_lora(path)
+            self.load_lora(ckpt)  # the file is open already: not read a second time
             return info
         self._check_family(info)
         self._detach_loras_of({c.name for c in info.components if c.name in self.models})
@@ -127,7 +127,7 @@ class ModelManager:
             raise ConfigError(f"{info.path}: a {info.family} model does not fit the {base_family} motion module "
                               "already loaded")
 
-    def load_lora(self, path: str | Path, lora_alpha: float = 1.0, *, merge: bool = False):
+    def load_lora(self, path: str | Path | Checkpoint, lora_alpha: float = 1.0, *, merge: bool = False):
         """Attach a LoRA / MotionLoRA / domain adapter to the loaded models; the handle is also kept in ``self.loras``.
         Run-time mode by default (alpha changeable, weights untouched); ``merge=True`` folds it into the weights."""
         from .lora import attach_lora
