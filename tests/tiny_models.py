@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidsynth.manager import VAE_SCALING
 from vidsynth.models.motion import MotionConfig, MotionModuleSet
 from vidsynth.models.text import CLIPTextModel, OpenCLIPTextModel, TextEncoderConfig
 from vidsynth.models.unet import PREFIX as UNET_PREFIX
@@ -45,7 +46,6 @@ SDXL_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel
                        adm_in_channels=BIG_G.projection_dim + 6 * SDXL_TIME_ID_DIM)
 # 8x downscale like the real VAE (the pipelines assume it), narrow.
 VAE = VAEConfig(base_channels=16, channel_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8)
-VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
 # which versions have a mid-block module (v2 layout); the PE length is 24 for v1, 32 for the rest
 HAS_MID = {"v1": False, "v2": True, "v3": False, "sdxl_beta": False, "animatelcm": True, "lightning": True}
 
