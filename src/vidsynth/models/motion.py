@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import CheckpointError, ConfigError
+from .frame_windows import FrameWindows
 from .layers import Attention, FeedForward, group_norm
 
 MOTION_VERSIONS = ("v1", "v2", "v3", "sdxl_beta", "animatelcm", "lightning")
@@ -244,9 +245,14 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
         for attn, norm in zip(self.attention_blocks, self.norms):
             x = attn(norm(x)) + x
+        return x
+
+    def forward(self, x: torch.Tensor, windows: FrameWindows | None = None) -> torch.Tensor:
+        # FreeNoise: the attentions run per window (positions from 0 in each), the feed-forward once over all frames
+        x = self.attend(x) if windows is None else windows.fuse(x, self.attend)
         return self.ff(self.ff_norm(x)) + x
 
 
@@ -263,11 +269,12 @@ class TemporalTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, heads, pe_length, pe_persistent)])
         self.proj_out = nn.Linear(channels, channels)
 
-    def delta(self, h: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """What the transformer adds to ``h`` (its output without the residual)."""
+    def delta(self, h: torch.Tensor, num_frames: int, windows: FrameWindows | None = None) -> torch.Tensor:
+        """What the transformer adds to ``h`` (its output without the residual); ``windows``: FreeNoise's."""
         bf, c, height, width = h.shape
-        if num_frames > self.pe_length:
-            raise ConfigError(f"{num_frames} frames exceed the motion module's native length {self.pe_length}; "
+        attended = num_frames if windows is None else min(num_frames, windows.context_length)
+        if attended > self.pe_length:
+            raise ConfigError(f"{attended} frames exceed the motion module's native length {self.pe_length}; "
                               f"render longer clips with context windows of at most {self.pe_length} frames")
         if bf % num_frames:
             raise ConfigError(f"batch of {bf} frame latents is not a whole number of {num_frames}-frame clips")
@@ -277,7 +284,7 @@ class TemporalTransformer(nn.Module):
         x = x.reshape(b, num_frames, c, height, width).permute(0, 3, 4, 1, 2).reshape(b * height * width, num_frames, c)
         x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x)
+            x = block(x, windows)
         x = self.proj_out(x)
         return x.reshape(b, height, width, num_frames, c).permute(0, 3, 4, 1, 2).reshape(bf, c, height, width)
 
@@ -291,10 +298,16 @@ class MotionModule(nn.Module):
         super().__init__()
         self.temporal_transformer = TemporalTransformer(channels, heads, pe_length, pool_norm, pe_persistent)
 
-    def forward(self, h: torch.Tensor, num_frames: int, scale: float = 1.0) -> torch.Tensor:
-        if scale == 0:
-            return h
-        return h + scale * self.temporal_transformer.delta(h, num_frames)
+    def forward(self, h: torch.Tensor, num_frames: int, scale: float | torch.Tensor = 1.0,
+                windows: FrameWindows | None = None) -> torch.Tensor:
+        """``scale``: a number, or one per frame of the clip ((num_frames,), the same for every clip in the batch)."""
+        if not isinstance(scale, torch.Tensor):
+            return h if scale == 0 else h + scale * self.temporal_transformer.delta(h, num_frames, windows)
+        if scale.shape != (num_frames,):
+            raise ConfigError(f"a per-frame motion scale needs one value per frame ({num_frames}), got shape "
+                              f"{tuple(scale.shape)}")
+        per_row = scale.to(h.device, h.dtype).repeat(h.shape[0] // num_frames)[:, None, None, None]
+        return h + per_row * self.temporal_transformer.delta(h, num_frames, windows)
 
 
 class _MotionBlock(nn.Module):
@@ -311,7 +324,11 @@ class MotionModuleSet(nn.Module):
     def __init__(self, config: MotionConfig):
         super().__init__()
         self.config = config
-        self.scale = 1.0
+        # per-call settings, set by the pipeline before each UNet call (options travel with the call):
+        # scale: a number, or a (frames,) tensor for the frames of the clip the UNet sees next (motion-scale schedules)
+        # free_noise: FreeNoise's windows inside the modules, or None
+        self.scale: float | torch.Tensor = 1.0
+        self.free_noise: FrameWindows | None = None
         self.gradient_checkpointing = False
 
         def make(channels: int) -> MotionModule:
@@ -363,7 +380,7 @@ class MotionModuleSet(nn.Module):
 
         def apply(h: torch.Tensor, num_frames: int) -> torch.Tensor:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                return checkpoint(module, h, num_frames, self.scale, use_reentrant=False)
-            return module(h, num_frames, self.scale)
+                return checkpoint(module, h, num_frames, self.scale, self.free_noise, use_reentrant=False)
+            return module(h, num_frames, self.scale, self.free_noise)
 
         return apply
