@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from .layers import attention
 
 HF_LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.")
 OPEN_CLIP_LAYER = re.compile(r"transformer\.resblocks\.(\d+)\.")
@@ -141,13 +142,16 @@ class _TextEncoder(nn.Module):
 # ---- Hugging Face layout -------------------------------------------------------------------------------------------
 
 class CLIPAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    """Self-attention with Hugging Face CLIP names; causal in the text tower, bidirectional in the vision tower."""
+
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
+        attend = causal_attention if self.causal else attention
+        return self.out_proj(attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
 
 
 class CLIPMLP(nn.Module):
@@ -162,9 +166,12 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, config: TextEncoderConfig):
+    """Pre-LayerNorm transformer layer. ``config`` needs ``width``, ``heads``, ``hidden_mlp`` and ``activation``
+    (a :class:`TextEncoderConfig` or the vision tower's config)."""
+
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(config.width, config.heads)
+        self.self_attn = CLIPAttention(config.width, config.heads, causal)
         self.layer_norm1 = nn.LayerNorm(config.width)
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.width)
@@ -188,9 +195,9 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config, causal) for _ in range(config.layers))
 
 
 class CLIPTextTransformer(nn.Module):
