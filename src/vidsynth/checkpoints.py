@@ -185,6 +185,9 @@ def _flatten_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
             obj = inner
             break
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:  # a dict of dicts of tensors (the IP-Adapter .bin files): keys become "outer.inner"
+        tensors = {f"{k}.{name}": v for k, inner in obj.items() if isinstance(k, str) and isinstance(inner, Mapping)
+                   for name, v in inner.items() if isinstance(name, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: contains no tensors (top-level keys: {sorted(map(str, obj))[:10]})")
     return tensors
@@ -229,7 +232,8 @@ def _config_dict(config) -> dict | None:
 SUPPORTED_KINDS = ("SD 1.5 single file (UNet + VAE + CLIP-L)", "SDXL base single file", "UNet alone (LDM layout)",
                    "VAE alone (LDM layout)", "CLIP text encoder alone", "AnimateDiff motion module (v1/v2/v3, SDXL beta, "
                    "AnimateLCM, Lightning)", "AnimateDiff MotionLoRA", "AnimateDiff v3 domain adapter", "kohya LoRA",
-                   "diffusers/peft LoRA")
+                   "diffusers/peft LoRA", "IP-Adapter (ip-adapter_sd15 / ip-adapter_sdxl)",
+                   "CLIP image encoder (IP-Adapter's ViT-H / ViT-bigG)")
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -249,6 +253,8 @@ def identify(ckpt: Checkpoint, *, motion_version: str | None = None) -> Checkpoi
     keys = shapes.keys()
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
 
+    if _identify_image_prompt(ckpt, info):
+        return info
     lora_kind = lora_kind_of(keys)
     if lora_kind:
         info.kind = lora_kind
@@ -289,6 +295,23 @@ def identify(ckpt: Checkpoint, *, motion_version: str | None = None) -> Checkpoi
             info.components.append(Component("text_encoder", prefix, _text_config(strip(shapes, prefix))))
             return info
     raise CheckpointError(_unknown_message(ckpt))
+
+
+def _identify_image_prompt(ckpt: Checkpoint, info: CheckpointInfo) -> bool:
+    """IP-Adapter (``image_proj.*`` + ``ip_adapter.*``) and CLIP image encoders (``vision_model.*``): fill ``info``."""
+    keys = ckpt.shapes.keys()
+    if any(k.startswith("image_proj.") for k in keys) and any(k.startswith("ip_adapter.") for k in keys):
+        from .ip_adapter import IPAdapterConfig
+        config = IPAdapterConfig.from_state_dict(ckpt.shapes, str(ckpt.path))
+        info.kind, info.family = "ip_adapter", config.family
+        info.components.append(Component("ip_adapter", "", config))
+        return True
+    if "vision_model.embeddings.patch_embedding.weight" in keys:
+        from .models.vision import VisionEncoderConfig
+        info.kind = "image_encoder"
+        info.components.append(Component("image_encoder", "", VisionEncoderConfig.from_state_dict(ckpt.shapes)))
+        return True
+    return False
 
 
 def _unknown_message(ckpt: Checkpoint) -> str:

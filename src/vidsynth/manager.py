@@ -55,6 +55,12 @@ def _constructor(component: Component):
     if component.name == "motion_modules":
         from .models.motion import MotionModuleSet
         return MotionModuleSet
+    if component.name == "image_encoder":
+        from .models.vision import CLIPVisionModelWithProjection
+        return CLIPVisionModelWithProjection
+    if component.name == "ip_adapter":
+        from .ip_adapter import IPAdapter
+        return IPAdapter
     raise CheckpointError(f"no model class for component {component.name!r}")
 
 
@@ -88,6 +94,7 @@ class ModelManager:
         if info.kind.startswith("lora") or info.kind in ("motion_lora", "domain_adapter"):
             self.load_lora(ckpt)  # the file is open already: not read a second time
             return info
+        self._check_image_prompt(info)
         self._check_family(info)
         self._detach_loras_of({c.name for c in info.components if c.name in self.models})
         for component in info.components:
@@ -113,6 +120,26 @@ class ModelManager:
         if component.name == "vae" and family == "sdxl" and self.torch_dtype == torch.float16:
             return torch.float32
         return self.torch_dtype
+
+    def _check_image_prompt(self, info: CheckpointInfo) -> None:
+        """IP-Adapter vs UNet (base) and vs image encoder (embedding width), whichever arrives second; before any
+        tensor is read."""
+        from .ip_adapter import check_base, check_image_encoder
+
+        def held(name: str, file_info: CheckpointInfo | None = None):
+            info_ = file_info if file_info is not None else self.infos.get(name)
+            component = info_ and info_.component(name)
+            return (component.config, info_.path) if component else (None, None)
+
+        adapter, adapter_path = held("ip_adapter", info if info.kind == "ip_adapter" else None)
+        if adapter is None:
+            return
+        unet, _ = held("unet", info if info.component("unet") else None)
+        if unet is not None:
+            check_base(adapter, unet, str(adapter_path))
+        encoder, encoder_path = held("image_encoder", info if info.kind == "image_encoder" else None)
+        if encoder is not None:
+            check_image_encoder(adapter, encoder, str(adapter_path), str(encoder_path))
 
     def _check_family(self, info: CheckpointInfo) -> None:
         if info.kind == "motion_module" and self.family and info.family != self.family:
@@ -164,6 +191,8 @@ class ModelManager:
     text_encoder = property(lambda self: self.models.get("text_encoder"))
     text_encoder_2 = property(lambda self: self.models.get("text_encoder_2"))
     motion_modules = property(lambda self: self.models.get("motion_modules"))
+    image_encoder = property(lambda self: self.models.get("image_encoder"))
+    ip_adapter = property(lambda self: self.models.get("ip_adapter"))
 
     def __repr__(self) -> str:
         held = ", ".join(f"{name}<-{info.path.name}" for name, info in self.infos.items())
