@@ -198,7 +198,7 @@ def _flatten_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
 @dataclass
 class Component:
     """One model inside a file: which part, the key prefix it lives under, its configuration."""
-    name: str           # "unet" | "vae" | "text_encoder" | "text_encoder_2" | "motion_modules" | "lora"
+    name: str           # "unet" | "vae" | "text_encoder" | "text_encoder_2" | "motion_modules" | "lora" | "controlnet"
     prefix: str
     config: object = None
 
@@ -233,7 +233,8 @@ SUPPORTED_KINDS = ("SD 1.5 single file (UNet + VAE + CLIP-L)", "SDXL base single
                    "VAE alone (LDM layout)", "CLIP text encoder alone", "AnimateDiff motion module (v1/v2/v3, SDXL beta, "
                    "AnimateLCM, Lightning)", "AnimateDiff MotionLoRA", "AnimateDiff v3 domain adapter", "kohya LoRA",
                    "diffusers/peft LoRA", "IP-Adapter (ip-adapter_sd15 / ip-adapter_sdxl)",
-                   "CLIP image encoder (IP-Adapter's ViT-H / ViT-bigG)")
+                   "CLIP image encoder (IP-Adapter's ViT-H / ViT-bigG)",
+                   "ControlNet (SD 1.5 cldm .pth, SDXL diffusers layout incl. union)")
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -260,6 +261,11 @@ def identify(ckpt: Checkpoint, *, motion_version: str | None = None) -> Checkpoi
         info.kind = lora_kind
         info.family = _lora_family(shapes, lora_kind)
         info.components.append(Component("lora", ""))
+        return info
+    controlnet = _controlnet_component(shapes, ckpt.path)
+    if controlnet:
+        info.kind, info.family = "controlnet", controlnet.config.family
+        info.components.append(controlnet)
         return info
     if any(".motion_modules." in k for k in keys) and not has(UNET):
         from .models.motion import MotionConfig
@@ -335,6 +341,23 @@ def _unet_config(shapes, path):
         raise CheckpointError(f"{path}: recognised as {names.get(config.family, config.family)} "
                               f"(context width {config.context_dim}), not supported yet; SD 1.5 and SDXL are")
     return config
+
+
+def _controlnet_component(shapes, path) -> Component | None:
+    """ControlNets: the original cldm layout (``control_model.input_hint_block``) and diffusers' (SDXL, union)."""
+    if any(k.startswith("control_model.input_hint_block.") for k in shapes):
+        prefix = "control_model."
+    elif "input_hint_block.0.weight" in shapes or "controlnet_cond_embedding.conv_in.weight" in shapes:
+        prefix = ""
+    else:
+        return None
+    from .models.controlnet import ControlNetConfig
+
+    config = ControlNetConfig.from_state_dict(strip(shapes, prefix))
+    if config.family not in ("sd15", "sdxl"):
+        raise CheckpointError(f"{path}: recognised as a ControlNet for {config.family} (context width "
+                              f"{config.unet.context_dim}), not supported; SD 1.5 and SDXL ControlNets are")
+    return Component("controlnet", prefix, config)
 
 
 def _vae_config(shapes):

@@ -12,6 +12,8 @@ from .checkpoints import Checkpoint, CheckpointInfo, Component, identify
 from .errors import CheckpointError, ConfigError
 
 VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
+CONTROLNET_EXAMPLES = {"sd15": "e.g. control_v11p_sd15_lineart.pth",
+                       "sdxl": "e.g. xinsir's diffusion_pytorch_model_promax.safetensors"}
 logger = logging.getLogger(__name__)
 
 
@@ -61,6 +63,9 @@ def _constructor(component: Component):
     if component.name == "ip_adapter":
         from .ip_adapter import IPAdapter
         return IPAdapter
+    if component.name == "controlnet":
+        from .models.controlnet import build_controlnet
+        return build_controlnet
     raise CheckpointError(f"no model class for component {component.name!r}")
 
 
@@ -81,6 +86,7 @@ class ModelManager:
         self.infos: dict[str, CheckpointInfo] = {}
         self.family: str | None = None
         self.loras: list = []
+        self.controlnets: dict[Path, nn.Module] = {}  # by resolved file path: several can be loaded at once
         self.load_models(list(file_path_list))
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -102,6 +108,9 @@ class ModelManager:
             module = build_component(ckpt, component, dtype=self._dtype_for(component, family), device=self.device)
             if component.name == "vae":
                 module.scaling_factor = VAE_SCALING[family]
+            if component.name == "controlnet":
+                self.controlnets[Path(path).resolve()] = module
+                continue
             self.models[component.name] = module
             self.infos[component.name] = info
         if info.family and info.kind != "motion_module":
@@ -145,6 +154,10 @@ class ModelManager:
         if info.kind == "motion_module" and self.family and info.family != self.family:
             raise ConfigError(f"{info.path}: a motion module for {info.family} cannot drive the {self.family} model "
                               f"already loaded; load a {self.family} motion module")
+        if info.kind == "controlnet" and self.family and info.family != self.family:
+            raise ConfigError(f"{info.path}: this is a {info.family} ControlNet and cannot control the "
+                              f"{self.family} UNet loaded; use a {self.family} ControlNet "
+                              f"({CONTROLNET_EXAMPLES[self.family]})")
         if info.kind != "motion_module" and self.family and info.family and info.family != self.family:
             raise ConfigError(f"{info.path}: a {info.family} model cannot join the {self.family} models this "
                               "ModelManager holds (their text encoders, VAE scale and UNet differ); use a new "
@@ -185,6 +198,16 @@ class ModelManager:
     # ---------------------------------------------------------------------------------------------- accessors
     def fetch_model(self, name: str) -> nn.Module | None:
         return self.models.get(name)
+
+    def fetch_controlnet(self, path: str | Path) -> nn.Module:
+        """The ControlNet loaded from ``path``, loading it now if it was not yet."""
+        key = Path(path).resolve()
+        if key not in self.controlnets:
+            kind = identify(Checkpoint(path)).kind
+            if kind != "controlnet":
+                raise ConfigError(f"{path}: not a ControlNet (recognised as {kind}); pass a ControlNet file")
+            self.load_model(path)
+        return self.controlnets[key]
 
     unet = property(lambda self: self.models.get("unet"))
     vae = property(lambda self: self.models.get("vae"))

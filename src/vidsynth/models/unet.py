@@ -78,9 +78,12 @@ class UNetConfig:
         return name + "_inpaint" if self.in_channels == 9 else name
 
     @classmethod
-    def from_state_dict(cls, shapes: Mapping[str, Sequence[int]]) -> UNetConfig:
-        """Read the configuration off key names and shapes (keys without the ``model.diffusion_model.`` prefix)."""
-        required = ("time_embed.0.weight", "input_blocks.0.0.weight", "middle_block.1.proj_in.weight", "out.2.weight")
+    def from_state_dict(cls, shapes: Mapping[str, Sequence[int]], *, encoder_only: bool = False) -> UNetConfig:
+        """Read the configuration off key names and shapes (keys without the ``model.diffusion_model.`` prefix).
+        ``encoder_only``: the file holds the time embedding, input and middle blocks alone (a ControlNet);
+        ``out_channels`` is then ``in_channels``."""
+        required = ("time_embed.0.weight", "input_blocks.0.0.weight", "middle_block.1.proj_in.weight")
+        required += () if encoder_only else ("out.2.weight",)
         missing = [k for k in required if k not in shapes]
         if missing:
             hint = f' (strip the "{PREFIX}" prefix first)' if any(k.startswith(PREFIX) for k in shapes) else ""
@@ -92,7 +95,8 @@ class UNetConfig:
             return 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith(prefix)), default=-1)
 
         mc = shapes["input_blocks.0.0.weight"][0]
-        n_in, n_out = count("input_blocks."), count("output_blocks.")
+        n_in = count("input_blocks.")
+        n_out = n_in if encoder_only else count("output_blocks.")
         downs = sorted(int(k.split(".")[1]) for k in shapes if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
         per_level = downs[0] if downs else n_in  # res blocks + the downsampler (or the input conv at level 0)
         levels = len(downs) + 1
@@ -109,6 +113,7 @@ class UNetConfig:
         for level in range(levels):
             inputs = [f"input_blocks.{level * per_level + 1 + j}.1" for j in range(nrb)]
             outputs = [f"output_blocks.{(levels - 1 - level) * per_level + j}.1" for j in range(per_level)]
+            outputs = [] if encoder_only else outputs
             found = {depth.get(p, 0) for p in inputs + outputs}
             if len(found) != 1:
                 raise CheckpointError(f"transformer depth varies within level {level}: {sorted(found)}; unsupported")
@@ -120,7 +125,7 @@ class UNetConfig:
         sd1 = "label_emb.0.0.weight" not in shapes and context_dim != 1024
         return cls(
             in_channels=shapes["input_blocks.0.0.weight"][1],
-            out_channels=shapes["out.2.weight"][0],
+            out_channels=shapes["input_blocks.0.0.weight"][1] if encoder_only else shapes["out.2.weight"][0],
             model_channels=mc,
             channel_mult=tuple(c // mc for c in mult),
             num_res_blocks=nrb,
@@ -163,48 +168,73 @@ class UNetBlock(nn.ModuleList):
         return h
 
 
+def _transformer(config: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+    heads, dim_head = config.heads(ch)
+    return SpatialTransformer(ch, heads, dim_head, depth, config.context_dim, config.use_linear_in_transformer)
+
+
+def _layer(config: UNetConfig, ch_in: int, ch: int, depth: int) -> list[nn.Module]:
+    return [ResBlock(ch_in, 4 * config.model_channels, ch)] + ([_transformer(config, ch, depth)] if depth else [])
+
+
+def embeddings(config: UNetConfig) -> tuple[nn.Sequential, nn.Sequential | None]:
+    """``time_embed`` and (SDXL) ``label_emb``."""
+    mc, emb_ch = config.model_channels, 4 * config.model_channels
+    time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+    if not config.adm_in_channels:
+        return time_embed, None
+    linear = nn.Sequential(nn.Linear(config.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+    return time_embed, nn.Sequential(linear)
+
+
+def encoder(config: UNetConfig) -> tuple[nn.ModuleList, UNetBlock, list[int]]:
+    """``input_blocks``, ``middle_block`` and the channels of each input block's output (its skip), shared by the
+    UNet and the ControlNet (whose files hold the same names)."""
+    mc, nrb, levels = config.model_channels, config.num_res_blocks, len(config.channel_mult)
+    emb_ch = 4 * mc
+    ch = mc
+    skips = [ch]
+    input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(config.in_channels, mc, 3, padding=1)])])
+    for level, (mult, depth) in enumerate(zip(config.channel_mult, config.transformer_depth)):
+        for j in range(nrb):
+            site = f"down_blocks.{level}.motion_modules.{j}"
+            input_blocks.append(UNetBlock(_layer(config, ch, mc * mult, depth), site, mc * mult))
+            ch = mc * mult
+            skips.append(ch)
+        if level != levels - 1:
+            input_blocks.append(UNetBlock([Downsample(ch)]))
+            skips.append(ch)
+    mid = [ResBlock(ch, emb_ch), _transformer(config, ch, config.transformer_depth_middle), ResBlock(ch, emb_ch)]
+    return input_blocks, UNetBlock(mid, "mid_block.motion_modules.0", ch, hook_at=2), skips
+
+
+def embed(model: nn.Module, timesteps: torch.Tensor | float, y: torch.Tensor | None, batch: int,
+          device: torch.device) -> torch.Tensor:
+    """Time (+ label) embedding of ``model`` (a UNet or a ControlNet: ``time_embed``, ``label_emb``, ``config``)."""
+    dtype = model.time_embed[0].weight.dtype
+    t = torch.as_tensor(timesteps, device=device).reshape(-1)
+    t = t.expand(batch) if t.numel() == 1 else t
+    emb = model.time_embed(timestep_embedding(t, model.config.model_channels).to(dtype))
+    if model.label_emb is not None:
+        emb = emb + model.label_emb(y.to(dtype))
+    return emb
+
+
 class UNetModel(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
         mc, nrb, levels = config.model_channels, config.num_res_blocks, len(config.channel_mult)
-        emb_ch = 4 * mc
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        self.label_emb = None
-        if config.adm_in_channels:
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(config.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-            )
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            heads, dim_head = config.heads(ch)
-            return SpatialTransformer(ch, heads, dim_head, depth, config.context_dim, config.use_linear_in_transformer)
-
-        def layer(ch_in: int, ch: int, depth: int) -> list[nn.Module]:
-            return [ResBlock(ch_in, emb_ch, ch)] + ([transformer(ch, depth)] if depth else [])
-
-        ch = mc
-        skips = [ch]
-        self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(config.in_channels, mc, 3, padding=1)])])
-        for level, (mult, depth) in enumerate(zip(config.channel_mult, config.transformer_depth)):
-            for j in range(nrb):
-                site = f"down_blocks.{level}.motion_modules.{j}"
-                self.input_blocks.append(UNetBlock(layer(ch, mc * mult, depth), site, mc * mult))
-                ch = mc * mult
-                skips.append(ch)
-            if level != levels - 1:
-                self.input_blocks.append(UNetBlock([Downsample(ch)]))
-                skips.append(ch)
-
-        mid = [ResBlock(ch, emb_ch), transformer(ch, config.transformer_depth_middle), ResBlock(ch, emb_ch)]
-        self.middle_block = UNetBlock(mid, "mid_block.motion_modules.0", ch, hook_at=2)
+        self.time_embed, self.label_emb = embeddings(config)
+        self.input_blocks, self.middle_block, skips = encoder(config)
+        ch = skips[-1]
 
         self.output_blocks = nn.ModuleList()
         for up, level in enumerate(reversed(range(levels))):
             mult, depth = config.channel_mult[level], config.transformer_depth[level]
             for j in range(nrb + 1):
-                layers = layer(ch + skips.pop(), mc * mult, depth)
+                layers = _layer(config, ch + skips.pop(), mc * mult, depth)
                 ch = mc * mult
                 hook_at = len(layers)
                 if level and j == nrb:
@@ -227,10 +257,14 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
                 y: torch.Tensor | None = None, *, num_frames: int = 1, motion: MotionSites | None = None,
-                pool_resnet_norms: bool = False) -> torch.Tensor:
+                pool_resnet_norms: bool = False,
+                control: tuple[Sequence[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Noise prediction for ``x`` (b*f, c, h, w). ``timesteps``: (b*f,) or one value for all; ``context``:
         (b*f, tokens, context_dim); ``y``: (b*f, adm_in_channels) for SDXL. ``pool_resnet_norms`` makes the resnet and
-        output GroupNorms pool statistics over the ``num_frames`` frames of each clip (AnimateDiff v1)."""
+        output GroupNorms pool statistics over the ``num_frames`` frames of each clip (AnimateDiff v1).
+        ``control`` = (down, mid) ControlNet residuals: ``down[i]`` is added to input block i's output where it is
+        kept as a skip (not on the encoder path), ``mid`` to the middle block's output (diffusers'
+        ``down_block_additional_residuals`` / ``mid_block_additional_residual``)."""
         bf = x.shape[0]
         if num_frames < 1 or bf % num_frames:
             raise ConfigError(f"batch of {bf} frames is not a whole number of {num_frames}-frame clips")
@@ -238,22 +272,20 @@ class UNetModel(nn.Module):
             need = "needs y (pooled text + time ids)" if y is None else "takes no y (it has no label_emb)"
             raise ConfigError(f"this UNet ({self.config.family}) {need}")
         dtype = self.time_embed[0].weight.dtype
-        t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
-        t = t.expand(bf) if t.numel() == 1 else t
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(y.to(dtype))
+        emb = embed(self, timesteps, y, bf, x.device)
         context = context.to(dtype)
         pool = num_frames if pool_resnet_norms and num_frames > 1 else None
 
         def hook(block: UNetBlock) -> MotionHook | None:
             return motion.site(block.site) if motion is not None and block.site else None
 
+        down, mid = control if control is not None else (None, None)
         h, skips = x.to(dtype), []
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = self._run(block, h, emb, context, pool, num_frames, hook(block))
-            skips.append(h)
+            skips.append(h if down is None else h + down[i].to(dtype))
         h = self._run(self.middle_block, h, emb, context, pool, num_frames, hook(self.middle_block))
+        h = h if mid is None else h + mid.to(dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             size = skips[-1].shape[-2:] if skips else None
