@@ -7,35 +7,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tiny_files import write_tiny_files
 from vidsynth.cli import main
-from vidsynth.models.motion import MotionConfig, MotionModuleSet
-from vidsynth.models.text import CLIPTextModel, TextEncoderConfig
-from vidsynth.models.unet import UNetConfig, UNetModel
-from vidsynth.models.vae import AutoencoderKL, VAEConfig
 from vidsynth.video_io import video_info
-
-# the smallest models whose shapes the loaders read back exactly: CLIP heads = width / 64, VAE norms of 32 groups,
-# SD 1.x heads = 8
-UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                  transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1, context_dim=64, num_heads=8)
-CLIP = TextEncoderConfig(vocab_size=49408, width=64, layers=2, heads=1, max_positions=77, activation="quick_gelu",
-                         projection_dim=None, layout="hf")
-VAE = VAEConfig(base_channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1)
 
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_files")
-    torch.manual_seed(0)
-    unet = UNetModel(UNET)
-    parts = {"model.diffusion_model.": unet, "first_stage_model.": AutoencoderKL(VAE),
-             "cond_stage_model.transformer.": CLIPTextModel(CLIP)}
-    base = {prefix + k: v.half().contiguous() if v.is_floating_point() else v
-            for prefix, module in parts.items() for k, v in module.state_dict().items()}
-    save_file(base, root / "tiny_sd15.safetensors")
-    motion = MotionModuleSet(MotionConfig("v2", "tiny", unet.motion_sites(), 32))
-    torch.save({k: v.clone() for k, v in motion.state_dict().items()}, root / "tiny_mm_v2.ckpt")
-    return root / "tiny_sd15.safetensors", root / "tiny_mm_v2.ckpt"
+    files = write_tiny_files(tmp_path_factory.mktemp("tiny_files"))
+    return files["base"], files["motion"]
 
 
 def test_generate_writes_a_playable_mp4(tiny_files, tmp_path, capsys):

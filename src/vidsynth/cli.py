@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from .errors import VidsynthError
+from .errors import ConfigError, VidsynthError
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -25,34 +25,59 @@ def _lora(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+DEFAULT_BASE, DEFAULT_MOTION = "StableDiffusion_v15", {"sd15": "AnimateDiff_v2", "sdxl": "AnimateDiff_xl_beta"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidsynth", description="AnimateDiff video generation on SD 1.5 / SDXL files")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="text to video")
-    gen.add_argument("--base", required=True, help="SD 1.5 or SDXL single-file checkpoint")
-    gen.add_argument("--motion", help="AnimateDiff motion module file")
+    gen = commands.add_parser("generate", help="text to video", description=(
+        "Text to video. With no model arguments it uses SD 1.5 and the AnimateDiff v2 motion module, downloading "
+        "them into the models folder on first use."))
+    gen.add_argument("--base", help=f"SD 1.5 or SDXL single-file checkpoint, or a preset name (default {DEFAULT_BASE})")
+    gen.add_argument("--motion", help="AnimateDiff motion module file or preset name (default: AnimateDiff_v2 for an "
+                                      "SD 1.5 base, AnimateDiff_xl_beta for SDXL)")
     gen.add_argument("--motion-version", help="force the motion-module version (v1, v2, v3, sdxl_beta, animatelcm, lightning)")
-    gen.add_argument("--lora", action="append", default=[], type=_lora, metavar="FILE[:ALPHA]",
-                     help="LoRA, MotionLoRA or domain adapter; repeatable")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative", default="")
-    gen.add_argument("--frames", type=int, default=16)
+    gen.add_argument("--lora", action="append", default=None, type=_lora, metavar="FILE[:ALPHA]",
+                     help="LoRA, MotionLoRA or domain adapter (file or preset); repeatable")
+    gen.add_argument("--prompt")
+    gen.add_argument("--negative", default=None)
+    gen.add_argument("--frames", type=int, default=None, help="default 16")
     gen.add_argument("--steps", type=int, default=None, help="default: the motion module's original setting")
     gen.add_argument("--cfg", type=float, default=None, help="default: the motion module's original setting")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None, help="default 0")
     gen.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default 512x512, SDXL 1024x1024)")
     gen.add_argument("--sampler", default=None, help="ddim, euler, euler_a, dpmpp_2m, lcm (default: the module's)")
     gen.add_argument("--context-length", type=int, default=None)
-    gen.add_argument("--context-overlap", type=int, default=4)
-    gen.add_argument("--loop", action="store_true", help="closed loop: the last frames blend into the first")
-    gen.add_argument("--fps", type=float, default=16)
+    gen.add_argument("--context-overlap", type=int, default=None, help="default 4")
+    gen.add_argument("--loop", action="store_true", default=None, help="closed loop: the last frames blend into the first")
+    gen.add_argument("--fps", type=float, default=None, help="default 16")
+    gen.add_argument("--recipe", metavar="VIDEO", help="render again from the recipe stored in a vidsynth video; other "
+                                                        "options given override the recipe's")
+    gen.add_argument("--models-dir", default=None, help="where presets are found and downloaded to (default "
+                                                        "$VIDSYNTH_MODELS_DIR or ./models)")
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                      help="default: float16 on cuda, float32 on cpu")
-    gen.add_argument("-o", "--output", required=True, help=".mp4, .gif, .webp, or a folder for PNG frames")
+    gen.add_argument("-o", "--output", required=True, help=".mp4, .webm, .gif, .webp, or a folder for PNG frames")
 
-    insp = commands.add_parser("inspect", help="say what a checkpoint file is")
+    anim = commands.add_parser("animate", help="run a prompt config of the original AnimateDiff repository")
+    anim.add_argument("config", help="YAML prompt config (configs/prompts/... of guoyww/AnimateDiff)")
+    # the original fills only missing W/H/L from its flags; here a flag given also replaces the config's value
+    anim.add_argument("--W", type=int, default=None, help="width (default: the entry's W, else 512)")
+    anim.add_argument("--H", type=int, default=None, help="height (default: the entry's H, else 512)")
+    anim.add_argument("--L", type=int, default=None, help="frames (default: the entry's L, else 16)")
+    anim.add_argument("--steps", type=int, default=None, help="sampling steps (default: the entry's steps)")
+    anim.add_argument("--format", choices=["gif", "mp4", "webm", "webp"], default="gif")
+    anim.add_argument("--fps", type=float, default=8.0, help="default 8, as the original saves")
+    anim.add_argument("--output-dir", default=None, help="default samples/{config name}-{time}, as the original")
+    anim.add_argument("--models-dir", default=None, help="where an empty dreambooth_path finds SD 1.5 (default "
+                                                         "$VIDSYNTH_MODELS_DIR or ./models)")
+    anim.add_argument("--device", default=None)
+    anim.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
+
+    insp = commands.add_parser("inspect", help="say what a checkpoint file is, or how a vidsynth video was made")
     insp.add_argument("file")
     insp.add_argument("--motion-version", default=None)
     insp.add_argument("--json", action="store_true")
@@ -60,7 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     down = commands.add_parser("download", help="download preset models")
     down.add_argument("names", nargs="*")
     down.add_argument("--list", action="store_true", help="list the presets")
-    down.add_argument("--models-dir", default="models")
+    down.add_argument("--models-dir", default=None, help="default $VIDSYNTH_MODELS_DIR or ./models")
+
+    ui = commands.add_parser("ui", help="the web UI (needs `pip install vidsynth[ui]`)")
+    ui.add_argument("--models-dir", default=None, help="folder the model pickers list (default $VIDSYNTH_MODELS_DIR or "
+                                                       "./models)")
+    ui.add_argument("--outputs-dir", default=None, help="where videos are written (default outputs/)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--device", default=None)
+    ui.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
 
     train = commands.add_parser("train", help="train a domain adapter, motion module or MotionLoRA")
     train.add_argument("stage", choices=["domain-adapter", "motion-module", "motion-lora"])
@@ -68,35 +102,105 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_generate(args) -> int:
-    import torch
+def generate_recipe(args):
+    """The Recipe ``vidsynth generate`` renders: the stored one (--recipe) with the options given on top, or the
+    options with their defaults; model arguments located (presets downloaded) before anything is loaded."""
+    from dataclasses import replace
 
-    from . import ModelManager, save_video
+    from .download import locate_models
+    from .recipe import Recipe, find_model
+    from .render import model_refs
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
-    manager = ModelManager(torch_dtype=dtype, device=device)
-    manager.load_models([args.base], motion_version=args.motion_version)
-    if args.motion:
-        manager.load_models([args.motion], motion_version=args.motion_version)
-    for path, alpha in args.lora:
-        manager.load_lora(path, lora_alpha=alpha)
-    if manager.family == "sdxl":
-        from . import SDXLVideoPipeline as Pipeline
+    given = {"prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed, "sampler": args.sampler,
+             "steps": args.steps, "cfg_scale": args.cfg, "frames": args.frames, "fps": args.fps,
+             "motion_version": args.motion_version, "context_length": args.context_length,
+             "context_overlap": args.context_overlap, "closed_loop": args.loop}
+    if args.size:
+        given["width"], given["height"] = args.size
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.recipe:
+        from .render import read_recipe
+
+        recipe = read_recipe(args.recipe)
+        models_dir = args.models_dir
+        if args.base is None and args.motion is None and args.lora is None:
+            base = find_model(recipe.base, models_dir, "base model")
+            motion = recipe.motion and find_model(recipe.motion, models_dir, "motion module")
+            loras = [(find_model(lora, models_dir, "LoRA"), lora.alpha) for lora in recipe.loras]
+            return replace(recipe, **given, base=replace(recipe.base, path=str(base)),
+                           motion=recipe.motion and replace(recipe.motion, path=str(motion)),
+                           loras=tuple(replace(ref, path=str(path)) for ref, (path, _) in zip(recipe.loras, loras)))
+        recipe = replace(recipe, **given)
     else:
-        from . import SDVideoPipeline as Pipeline
-    pipe = Pipeline.from_model_manager(manager)
-    width, height = args.size or ((1024, 1024) if manager.family == "sdxl" else (512, 512))
-    video = pipe(prompt=args.prompt, negative_prompt=args.negative, cfg_scale=args.cfg, height=height, width=width,
-                 num_frames=args.frames, num_inference_steps=args.steps, seed=args.seed, sampler=args.sampler,
-                 context_length=args.context_length, context_overlap=args.context_overlap, closed_loop=args.loop)
-    out = save_video(video, args.output, fps=args.fps)
+        if not given.get("prompt"):
+            raise ConfigError("--prompt is required (or --recipe VIDEO to render a video's recipe again)")
+        recipe = Recipe(**{**{"negative_prompt": "", "frames": 16, "seed": 0, "context_overlap": 4, "fps": 16.0},
+                           **given})
+    base, motion = _locate_base_and_motion(args.base, args.motion, args.models_dir)
+    loras = args.lora or []
+    lora_paths = locate_models([path for path, _ in loras], args.models_dir, what="vidsynth generate")
+    return replace(recipe, **model_refs(base, motion, [(p, a) for p, (_, a) in zip(lora_paths, loras)]))
+
+
+def _locate_base_and_motion(base: str | None, motion: str | None, models_dir: str | None):
+    from .checkpoints import load_checkpoint
+    from .download import locate_models
+
+    what = "vidsynth generate"
+    if base is None:  # the one-command first run: both defaults fetched (or reported missing) together
+        return tuple(locate_models([DEFAULT_BASE, motion or DEFAULT_MOTION["sd15"]], models_dir, what=what))
+    (base_path,) = locate_models([base], models_dir, what=what)
+    if motion is None:
+        _, info = load_checkpoint(base_path)
+        motion = DEFAULT_MOTION.get(info.family or "sd15", DEFAULT_MOTION["sd15"])
+    (motion_path,) = locate_models([motion], models_dir, what=what)
+    return base_path, motion_path
+
+
+def cmd_generate(args) -> int:
+    from .render import ModelSession, render, save
+
+    recipe = generate_recipe(args)
+    frames, done = render(recipe, ModelSession(args.device, args.dtype))
+    out = save(frames, args.output, done)
     print(f"wrote {out}")
     return 0
 
 
+def cmd_animate(args) -> int:
+    from .configs import run_config
+
+    outputs = run_config(args.config, width=args.W, height=args.H, frames=args.L, steps=args.steps,
+                         video_format=args.format, fps=args.fps, output_dir=args.output_dir,
+                         models_dir=args.models_dir, device=args.device, dtype=args.dtype)
+    for path in outputs:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from .ui import launch
+
+    launch(models_dir=args.models_dir, outputs_dir=args.outputs_dir, host=args.host, port=args.port,
+           device=args.device, dtype=args.dtype)
+    return 0
+
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".webp")
+
+
 def cmd_inspect(args) -> int:
+    from pathlib import Path
+
     from .checkpoints import load_checkpoint
+
+    path = Path(args.file)
+    if path.suffix.lower() in VIDEO_SUFFIXES or path.is_dir():
+        from .render import read_recipe
+
+        recipe = read_recipe(path)
+        print(json.dumps(recipe.to_dict(), indent=2) if args.json else recipe.describe())
+        return 0
 
     _, info = load_checkpoint(args.file, motion_version=args.motion_version)
     description = info.describe()
@@ -116,7 +220,8 @@ def cmd_inspect(args) -> int:
 
 def cmd_download(args) -> int:
     from .download import run_cli
-    return run_cli(args.names, args.list, args.models_dir)
+    from .download import default_models_dir
+    return run_cli(args.names, args.list, args.models_dir or str(default_models_dir()))
 
 
 def cmd_train(args) -> int:
@@ -127,7 +232,8 @@ def cmd_train(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "inspect": cmd_inspect, "download": cmd_download, "train": cmd_train}
+    handler = {"generate": cmd_generate, "animate": cmd_animate, "inspect": cmd_inspect, "download": cmd_download,
+               "ui": cmd_ui, "train": cmd_train}
     try:
         return handler[args.command](args)
     except VidsynthError as err:

@@ -40,6 +40,9 @@ CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FILE_KEYS = {"path", "size", "sha256", "approx_size", *SOURCES}
 _PRESET_KEYS = {"about", "aliases", "files", "include"}
+PRESETS_ENV = "VIDSYNTH_PRESETS"
+DEFAULT_MODELS_DIR = "models"
+MODELS_DIR_ENV = "VIDSYNTH_MODELS_DIR"
 
 
 @dataclass(frozen=True)
@@ -143,10 +146,22 @@ def _parse_file(preset: str, raw: Any) -> PresetFile:
     return PresetFile(path, tuple(remotes), raw.get("size"), sha, raw.get("approx_size"))
 
 
-@cache
 def presets() -> dict[str, Preset]:
-    """The shipped presets, keyed by name and by alias (DiffSynth-Studio's names are aliases)."""
-    text = resources.files("vidsynth").joinpath("data/presets.yaml").read_text(encoding="utf-8")
+    """The presets, keyed by name and by alias (DiffSynth-Studio's names are aliases): the shipped table, or the one
+    the environment variable VIDSYNTH_PRESETS names (a mirror's or your own, in the same format)."""
+    return _load_presets(os.environ.get(PRESETS_ENV) or None)
+
+
+@cache
+def _load_presets(path: str | None) -> dict[str, Preset]:
+    if path is None:
+        text = resources.files("vidsynth").joinpath("data/presets.yaml").read_text(encoding="utf-8")
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{PRESETS_ENV}={path}: cannot read the preset table ({e.strerror or e}); "
+                              f"fix the path or unset {PRESETS_ENV}") from None
     return parse_presets(yaml.safe_load(text))
 
 
@@ -394,6 +409,63 @@ class _SilentBar(tqdm):
     def __init__(self, *args, **kwargs):
         kwargs["disable"] = True
         super().__init__(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- model arguments
+
+
+def default_models_dir() -> Path:
+    """Where presets land when no folder is named: $VIDSYNTH_MODELS_DIR, else ./models (as `vidsynth download`)."""
+    return Path(os.environ.get(MODELS_DIR_ENV) or DEFAULT_MODELS_DIR).expanduser()
+
+
+def find_preset(name: str) -> Preset | None:
+    """The preset ``name`` (or alias, any case) names, or None."""
+    table = presets()
+    if name in table:
+        return table[name]
+    return {key.lower(): preset for key, preset in table.items()}.get(name.lower())
+
+
+def locate_models(specs: Sequence[str | os.PathLike], models_dir: str | os.PathLike | None = None, *,
+                  download: bool = True, progress: bool = True, what: str = "this run") -> list[Path]:
+    """Each spec, a file path or a preset name, as a local file: existing files as they are; presets as their (first)
+    file under ``models_dir``, downloaded first where missing. If anything cannot be had, one error names every
+    missing file and the `vidsynth download` command that fetches them; nothing is loaded before that."""
+    root = Path(models_dir).expanduser() if models_dir is not None else default_models_dir()
+    paths: list[Path] = []
+    missing: dict[str, Preset] = {}
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_file():
+            paths.append(path)
+            continue
+        preset = find_preset(str(spec))
+        if preset is None:
+            if path.exists():
+                raise ConfigError(f"{spec}: is a folder, not a model file; name the checkpoint file inside it")
+            close = difflib.get_close_matches(str(spec).lower(), [k.lower() for k in presets()], n=3, cutoff=0.6)
+            hint = f" (did you mean the preset {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{spec}: no such file, and no model preset of that name{hint}; give the path of a "
+                              "checkpoint file or a preset name from `vidsynth download --list`")
+        paths.append(root / preset.files[0].path)
+        if not paths[-1].is_file():
+            missing[preset.name] = preset
+    if not missing:
+        return paths
+    problem = "they are not in the models folder"
+    if download:
+        try:
+            download_models(list(missing), root, progress=progress)
+            return paths
+        except VidsynthError as e:  # its first lines say which file and each source's failure; the rest is below
+            reason = str(e).split("\nCheck the connection")[0].replace("\n", "\n    ")
+            problem = f"downloading them failed ({reason})"
+    listing = "\n  ".join(f"{(root / p.files[0].path).resolve()}  (preset {name})" for name, p in missing.items())
+    raise VidsynthError(f"{what} needs these model files, and {problem}:\n  {listing}\nFetch them once with\n  "
+                        f"vidsynth download {' '.join(missing)} --models-dir {root}\nwhere the network reaches Hugging "
+                        "Face or ModelScope (or HF_ENDPOINT), put your own copies at those paths, or name local files "
+                        "(--base FILE --motion FILE).")
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -29,6 +29,7 @@ PILLOW_FORMATS = {".gif": "GIF", ".webp": "WEBP"}
 SUPPORTED = "'.mp4', '.webm', '.gif', '.webp', or a path without extension / ending in '/' for a folder of PNG frames"
 BT601_SMPTE170M, LIMITED_RANGE = 6, 1  # FFmpeg's AVCOL_PRI/TRC/SPC_SMPTE170M and AVCOL_RANGE_MPEG
 FRAME_NAME = "frame_{:05d}.png"
+EXIF_IMAGE_DESCRIPTION = 0x010E
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 OUT_OF_RANGE_SLACK = 1e-2  # decoders overshoot [0, 1] slightly; larger excursions mean the caller passed [-1, 1] or 0..255
 
@@ -42,7 +43,7 @@ def frames_to_pil(x: torch.Tensor) -> list[Image.Image]:
 
 
 def save_video(frames: Frames, path: str | os.PathLike, fps: float = 16, quality: int | None = None, *,
-               loop: bool = True) -> Path:
+               loop: bool = True, comment: str | None = None) -> Path:
     """Write ``frames`` as a video chosen by the extension of ``path``; returns the path written.
 
     frames: a sequence of equal-size PIL images; a (f, h, w, 3) numpy array, uint8 or float in [0, 1]; or a
@@ -58,6 +59,8 @@ def save_video(frames: Frames, path: str | os.PathLike, fps: float = 16, quality
     consecutive gif/webp frames into one longer frame, so such files can hold fewer frames with the same playback.
     A folder of PNG frames (frame_00000.png, ...) stores fps in each PNG's text chunk; an existing folder is
     replaced only if it holds nothing but such frames. Missing parent folders are created.
+    comment: text stored in the file, read back by ``read_comment``: the "comment" tag of mp4 / webm, the GIF
+    comment extension, EXIF ImageDescription of webp (ASCII only there), a "Comment" text chunk in every PNG frame.
     """
     out = Path(path)
     to_folder = str(path).endswith(("/", os.sep)) or out.suffix == ""
@@ -66,6 +69,10 @@ def save_video(frames: Frames, path: str | os.PathLike, fps: float = 16, quality
         raise ConfigError(f"cannot write video {str(path)!r}: unknown extension {out.suffix!r}; use {SUPPORTED}")
     if not (isinstance(fps, (int, float, Fraction)) and math.isfinite(fps) and fps > 0):
         raise ConfigError(f"fps must be a positive finite number, got {fps!r}")
+    if comment is not None and not isinstance(comment, str):
+        raise ConfigError(f"comment must be a string or None, got {type(comment).__name__}")
+    if comment is not None and suffix == ".webp" and not comment.isascii():
+        raise ConfigError("a webp comment (EXIF ImageDescription) must be ASCII; escape it (json.dumps does)")
     if quality is not None and not (isinstance(quality, (int, float)) and 0 <= quality <= 10):
         raise ConfigError(f"quality must be between 0 (smallest file) and 10 (best) or None, got {quality!r}")
     height, width, arrays = _frame_arrays(frames)
@@ -77,11 +84,13 @@ def save_video(frames: Frames, path: str | os.PathLike, fps: float = 16, quality
     created = _make_parents(out.parent)
     try:
         if to_folder:
-            _atomic_folder(out, lambda tmp: _write_png_folder(tmp, arrays, fps))
+            _atomic_folder(out, lambda tmp: _write_png_folder(tmp, arrays, fps, comment))
         elif suffix in AV_CODECS:
-            _atomic_file(out, lambda tmp: _write_av(tmp, arrays, width, height, fps, quality, *AV_CODECS[suffix]))
+            _atomic_file(out, lambda tmp: _write_av(tmp, arrays, width, height, fps, quality, comment,
+                                                    *AV_CODECS[suffix]))
         else:
-            _atomic_file(out, lambda tmp: _write_pillow(tmp, arrays, fps, quality, loop, PILLOW_FORMATS[suffix]))
+            _atomic_file(out, lambda tmp: _write_pillow(tmp, arrays, fps, quality, loop, comment,
+                                                        PILLOW_FORMATS[suffix]))
     except BaseException:
         for folder in reversed(created):  # leave the file system as it was
             try:
@@ -105,6 +114,24 @@ def load_video(path: str | os.PathLike, *, max_frames: int | None = None) -> lis
             return [frame.convert("RGB") for frame in islice(ImageSequence.Iterator(im), max_frames)]
     with _open_av(src) as container:
         return [frame.to_image() for frame in islice(container.decode(video=0), max_frames)]
+
+
+def read_comment(path: str | os.PathLike) -> str | None:
+    """The text ``save_video(..., comment=)`` stored in a video file, gif/webp or folder of PNG frames, or None."""
+    src = _existing(path)
+    if src.is_dir():
+        return _read_image(_image_files(src)[0]).info.get("Comment")
+    suffix = src.suffix.lower()
+    if suffix == ".gif":
+        with _open_pillow(src) as im:
+            text = im.info.get("comment")
+            return text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    if suffix == ".webp":
+        with _open_pillow(src) as im:
+            return im.getexif().get(EXIF_IMAGE_DESCRIPTION)
+    with _open_av(src) as container:
+        tags = {key.lower(): value for key, value in container.metadata.items()}  # matroska upper-cases them
+        return tags.get("comment")
 
 
 def video_info(path: str | os.PathLike) -> dict[str, int | float | None]:
@@ -167,10 +194,12 @@ def _frame_arrays(frames: Frames) -> tuple[int, int, Iterator[np.ndarray]]:
 
 
 def _write_av(tmp: Path, arrays: Iterator[np.ndarray], width: int, height: int, fps: float, quality: float | None,
-              container_format: str, codec: str, max_crf: int, default_crf: int) -> None:
+              comment: str | None, container_format: str, codec: str, max_crf: int, default_crf: int) -> None:
     crf = default_crf if quality is None else round((1 - quality / 10) * max_crf)
     pad_h, pad_w = height % 2, width % 2
     with av.open(str(tmp), mode="w", format=container_format) as container:
+        if comment is not None:
+            container.metadata["comment"] = comment
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width + pad_w, height + pad_h, "yuv420p"
         context = stream.codec_context  # PyAV converts RGB with BT.601 limited range; say so, or players may guess BT.709
@@ -187,7 +216,7 @@ def _write_av(tmp: Path, arrays: Iterator[np.ndarray], width: int, height: int, 
 
 
 def _write_pillow(tmp: Path, arrays: Iterator[np.ndarray], fps: float, quality: float | None, loop: bool,
-                  image_format: str) -> None:
+                  comment: str | None, image_format: str) -> None:
     images = [Image.fromarray(a) for a in arrays]
     tick = 10 if image_format == "GIF" else 1  # gif stores whole centiseconds, webp milliseconds
     ends = [round(i * 1000 / fps / tick) * tick for i in range(len(images) + 1)]
@@ -195,16 +224,23 @@ def _write_pillow(tmp: Path, arrays: Iterator[np.ndarray], fps: float, quality: 
     options: dict = {"save_all": True, "append_images": images[1:], "duration": durations}
     if image_format == "GIF":
         options |= {"loop": 0} if loop else {}  # no loop extension = play once
+        options |= {"comment": comment.encode("utf-8")} if comment is not None else {}
     else:
         options |= {"loop": 0 if loop else 1, "quality": 90 if quality is None else round(quality * 10)}
+        if comment is not None:
+            exif = Image.Exif()
+            exif[EXIF_IMAGE_DESCRIPTION] = comment
+            options["exif"] = exif.tobytes()
     images[0].save(tmp, format=image_format, **options)
 
 
-def _write_png_folder(folder: Path, arrays: Iterator[np.ndarray], fps: float) -> None:
+def _write_png_folder(folder: Path, arrays: Iterator[np.ndarray], fps: float, comment: str | None) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("fps", repr(float(fps)))
+    if comment is not None:
+        info.add_text("Comment", comment, zip=True)
     for index, array in enumerate(arrays):
         Image.fromarray(array).save(folder / FRAME_NAME.format(index), format="PNG", pnginfo=info)
 

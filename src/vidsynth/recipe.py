@@ -1,0 +1,153 @@
+"""A video's recipe: everything needed to render it again, kept inside the output file (see video_io's metadata).
+
+``Recipe`` is what a user asks for (prompt, seed, models, ...). Once rendered, its defaults are filled in (sampler,
+steps and cfg the motion module chose) and each model carries its file name and sha256, so ``vidsynth inspect``
+shows what made a video and ``vidsynth generate --recipe VIDEO`` renders it again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, VidsynthError
+
+logger = logging.getLogger(__name__)
+FORMAT = "vidsynth-recipe/1"
+_HASH_CHUNK = 8 << 20
+_hashes: dict[tuple[str, int, int], str] = {}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One model file: where it was, its file name and its sha256 (None until hashed)."""
+
+    path: str
+    name: str = ""
+    sha256: str | None = None
+    alpha: float | None = None  # LoRAs only
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, alpha: float | None = None) -> "ModelRef":
+        return cls(str(path), Path(path).name, None, alpha)
+
+    def hashed(self) -> "ModelRef":
+        return self if self.sha256 else replace(self, sha256=file_sha256(self.path))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    sampler: str | None = None  # None: the motion module's original setting
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None  # None: 512 (SD 1.5) / 1024 (SDXL)
+    height: int | None = None
+    frames: int = 16
+    fps: float = 16
+    base: ModelRef | None = None
+    motion: ModelRef | None = None
+    motion_version: str | None = None
+    loras: tuple[ModelRef, ...] = ()
+    context_length: int | None = None
+    context_overlap: int = 4
+    closed_loop: bool = False
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # SamplerConfig fields beyond the sampler's name
+    vidsynth_version: str | None = None
+
+    # ------------------------------------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+    def to_json(self) -> str:
+        # ASCII only: EXIF text and some tag readers take nothing else; json.loads restores the characters
+        return json.dumps(self.to_dict(), ensure_ascii=True, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ConfigError(f"{where}: not a vidsynth recipe (format {FORMAT!r} expected)")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if unknown := sorted(set(data) - known - {"format"}):
+            logger.warning("%s: ignoring recipe fields this vidsynth does not know: %s", where, ", ".join(unknown))
+        try:
+            for key in ("base", "motion"):
+                if values.get(key) is not None:
+                    values[key] = ModelRef(**values[key])
+            values["loras"] = tuple(ModelRef(**lora) for lora in values.get("loras") or ())
+            values["sampler_options"] = dict(values.get("sampler_options") or {})
+            return cls(**values)
+        except TypeError as e:
+            raise ConfigError(f"{where}: malformed recipe ({e})") from None
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "recipe") -> "Recipe":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: the recipe is not valid JSON ({e})") from None
+        return cls.from_dict(data, where)
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def hashed(self) -> "Recipe":
+        """The recipe with every model file's sha256 filled in (each file read once per process)."""
+        return replace(self, base=self.base and self.base.hashed(), motion=self.motion and self.motion.hashed(),
+                       loras=tuple(lora.hashed() for lora in self.loras))
+
+    def describe(self) -> str:
+        """A few readable lines, as `vidsynth inspect VIDEO` prints them."""
+        lines = [f"prompt: {self.prompt}", f"negative prompt: {self.negative_prompt}",
+                 f"seed: {self.seed}  sampler: {self.sampler}  steps: {self.steps}  cfg: {self.cfg_scale}",
+                 f"size: {self.width}x{self.height}  frames: {self.frames}  fps: {self.fps:g}"]
+        if self.context_length:
+            lines.append(f"context: {self.context_length} frames, overlap {self.context_overlap}, "
+                         f"loop {self.closed_loop}")
+        for label, ref in (("base", self.base), ("motion module", self.motion)):
+            if ref is not None:
+                lines.append(f"{label}: {ref.name}  sha256 {ref.sha256}")
+        for lora in self.loras:
+            lines.append(f"lora: {lora.name} (weight {lora.alpha:g})  sha256 {lora.sha256}")
+        if self.sampler_options:
+            lines.append("sampler options: " + ", ".join(f"{k}={v}" for k, v in self.sampler_options.items()))
+        lines.append(f"vidsynth: {self.vidsynth_version}")
+        return "\n".join(lines)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, cached per process by (real path, size, mtime)."""
+    real = os.path.realpath(path)
+    try:
+        stat = os.stat(real)
+    except OSError as e:
+        raise VidsynthError(f"{path}: cannot read the model file to hash it ({e.strerror or e})") from None
+    key = (real, stat.st_size, stat.st_mtime_ns)
+    if key not in _hashes:
+        digest = hashlib.sha256()
+        with open(real, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+        _hashes[key] = digest.hexdigest()
+    return _hashes[key]
+
+
+def find_model(ref: ModelRef, models_dir: str | os.PathLike | None, role: str) -> Path:
+    """The local file for a recipe's model: its recorded path, else a file of that name under ``models_dir``. A file
+    whose sha256 differs from the recorded one is used with a warning (the frames will differ)."""
+    candidates = [Path(ref.path)]
+    if models_dir is not None and ref.name:
+        candidates += sorted(Path(models_dir).rglob(ref.name))
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise VidsynthError(f"the recipe's {role} {ref.name!r} (sha256 {ref.sha256}) is not at {ref.path} nor under "
+                            f"{models_dir}; put the file at one of these places or pass --models-dir DIR")
+    if ref.sha256 and file_sha256(found) != ref.sha256:
+        logger.warning("%s: sha256 %s differs from the recipe's %s (%s); the video will not be the same",
+                       found, file_sha256(found), ref.sha256, role)
+    return found

@@ -1,0 +1,118 @@
+"""Render a ``Recipe``: the one path from settings to a video file that the CLI, `vidsynth animate` and the web UI
+share. ``ModelSession`` keeps the loaded models between renders and reloads only the files that change."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import ConfigError
+from .recipe import ModelRef, Recipe
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def pick_device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+class ModelSession:
+    """A ModelManager kept between renders: a new base file means a new manager, a new motion module replaces the
+    old one, LoRAs are taken off and put on again (they are small)."""
+
+    def __init__(self, device: str | None = None, dtype: str | torch.dtype | None = None):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.manager = None
+        self._base: str | None = None
+        self._motion: tuple[str | None, str | None] = (None, None)
+
+    def pipeline(self, base: str | os.PathLike, motion: str | os.PathLike | None = None,
+                 loras: list[tuple[str | os.PathLike, float]] = (), motion_version: str | None = None):
+        from .manager import ModelManager
+
+        base_key = os.path.realpath(base)
+        if self.manager is None or self._base != base_key:
+            self.manager, self._base, self._motion = None, None, (None, None)  # free the old models first
+            manager = ModelManager(torch_dtype=self.dtype, device=self.device)
+            manager.load_models([base], motion_version=motion_version)
+            self.manager, self._base = manager, base_key
+        manager = self.manager
+        for lora in list(manager.loras):
+            manager.remove_lora(lora)
+        motion_key = (os.path.realpath(motion) if motion else None, motion_version)
+        if motion_key != self._motion:
+            if motion is None:
+                manager.models.pop("motion_modules", None)
+                manager.infos.pop("motion_modules", None)
+            else:
+                manager.load_models([motion], motion_version=motion_version)
+            self._motion = motion_key
+        for path, alpha in loras:
+            manager.load_lora(path, lora_alpha=alpha)
+        if manager.family == "sdxl":
+            from .pipelines.sdxl_video import SDXLVideoPipeline as Pipeline
+        else:
+            from .pipelines.sd_video import SDVideoPipeline as Pipeline
+        return Pipeline.from_model_manager(manager)
+
+
+def render(recipe: Recipe, session: ModelSession, *, progress_bar: bool = True,
+           pipeline_options: dict[str, Any] | None = None) -> tuple[list, Recipe]:
+    """Frames (PIL images) of ``recipe``, and the recipe as rendered: defaults filled in, files hashed, version set."""
+    if recipe.base is None:
+        raise ConfigError("the recipe names no base model")
+    pipe = session.pipeline(recipe.base.path, recipe.motion.path if recipe.motion else None,
+                            [(lora.path, 1.0 if lora.alpha is None else lora.alpha) for lora in recipe.loras],
+                            recipe.motion_version)
+    defaults = pipe.default_sampling()
+    side = 1024 if pipe.family == "sdxl" else 512
+    done = replace(recipe, sampler=recipe.sampler or defaults["sampler"],
+                   steps=recipe.steps if recipe.steps is not None else defaults["steps"],
+                   cfg_scale=recipe.cfg_scale if recipe.cfg_scale is not None else defaults["cfg_scale"],
+                   width=recipe.width or side, height=recipe.height or side, vidsynth_version=__version__)
+    frames = pipe(prompt=done.prompt, negative_prompt=done.negative_prompt, cfg_scale=done.cfg_scale,
+                  height=done.height, width=done.width, num_frames=done.frames, num_inference_steps=done.steps,
+                  seed=done.seed, sampler=done.sampler, context_length=done.context_length,
+                  context_overlap=done.context_overlap, closed_loop=done.closed_loop, progress_bar=progress_bar,
+                  **done.sampler_options, **(pipeline_options or {}))
+    return frames, done.hashed()
+
+
+def save(frames, path: str | os.PathLike, recipe: Recipe) -> Path:
+    """Write the video with its recipe inside (see video_io.save_video's ``comment``)."""
+    from .video_io import save_video
+
+    return save_video(frames, path, fps=recipe.fps, comment=recipe.to_json())
+
+
+def read_recipe(path: str | os.PathLike) -> Recipe:
+    from .errors import VidsynthError
+    from .video_io import read_comment
+
+    text = read_comment(path)
+    if not text:
+        raise VidsynthError(f"{path}: holds no vidsynth recipe (it was not written by vidsynth, or its metadata was "
+                            "stripped)")
+    return Recipe.from_json(text, where=str(path))
+
+
+def model_refs(base: Path, motion: Path | None, loras: list[tuple[Path, float]]) -> dict[str, Any]:
+    """Recipe fields for located model files."""
+    return {"base": ModelRef.of(base), "motion": ModelRef.of(motion) if motion else None,
+            "loras": tuple(ModelRef.of(path, alpha) for path, alpha in loras)}
+
