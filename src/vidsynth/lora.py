@@ -12,6 +12,7 @@ files), else 1 (the AnimateDiff loader adds ``alpha * up @ down`` without rank d
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -185,7 +186,7 @@ def read_pairs(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, _Pair], lis
             if m := pattern.fullmatch(key):
                 pair = pairs.setdefault(m[1], _Pair())
                 if role == "alpha":
-                    pair.alpha = float(tensor.item()) if tensor.numel() == 1 else None
+                    pair.alpha = float(tensor.item()) if tensor.numel() == 1 and not tensor.is_complex() else None
                 else:
                     setattr(pair, role, tensor)
                 break
@@ -354,6 +355,10 @@ def _listing(items: list[str], limit: int = 5) -> str:
 
 def _check_shapes(module: nn.Module, target: Target, down: torch.Tensor, up: torch.Tensor) -> str | None:
     """Why ``down``/``up`` do not fit ``module`` (None when they do). 1x1-conv-shaped pairs fit Linear layers."""
+    if down.ndim not in (2, 4) or up.ndim not in (2, 4) or not down.shape[0]:
+        return f"{target}: down {list(down.shape)} / up {list(up.shape)} are not a rank >= 1 pair of matrices or kernels"
+    if not (down.is_floating_point() and up.is_floating_point()):
+        return f"{target}: down / up are stored as {down.dtype} / {up.dtype}, not floating point"
     rank = down.shape[0]
     if isinstance(module, nn.Conv2d):
         want_down = (rank, module.in_channels, *module.kernel_size)
@@ -390,7 +395,9 @@ def build_lora(models: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor
             unmatched.append(name)
             continue
         module = models[target.component].get_submodule(target.name)
-        if problem := _check_shapes(module, target, pair.down, pair.up):
+        if pair.alpha is not None and not math.isfinite(pair.alpha):
+            misfit.append(f"{target}: alpha {pair.alpha} is not a finite number")
+        elif problem := _check_shapes(module, target, pair.down, pair.up):
             misfit.append(problem)
         else:
             placed.append((target, module, pair))
