@@ -5,6 +5,7 @@ interrupted save never leaves a partial file (or a temporary one) behind.
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
@@ -245,9 +246,37 @@ def _write_png_folder(folder: Path, arrays: Iterator[np.ndarray], fps: float, co
         Image.fromarray(array).save(folder / FRAME_NAME.format(index), format="PNG", pnginfo=info)
 
 
-def _atomic_file(out: Path, write) -> None:
+def _temporary_prefix(out: Path) -> str:
+    """Temporaries carry the writer's pid, so a later write can tell those of a killed writer from a live one's."""
+    return f".{out.name}.{os.getpid()}."
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete what writers of ``out`` that were killed mid-write (SIGKILL, power loss) left next to it."""
+    ours = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\..*\.(partial{re.escape(out.suffix)}|old)")
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        match = ours.fullmatch(leftover.name)
+        if match and not _process_alive(int(match[1])):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
     try:
-        handle, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=f".partial{out.suffix}")
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
+    return True
+
+
+def _atomic_file(out: Path, write) -> None:
+    _remove_stale_temporaries(out)
+    try:
+        handle, name = tempfile.mkstemp(dir=out.parent, prefix=_temporary_prefix(out), suffix=f".partial{out.suffix}")
     except OSError as error:
         raise VidsynthError(f"cannot write video {str(out)!r}: {error.strerror or error}; choose a writable folder") from error
     os.close(handle)
@@ -261,19 +290,20 @@ def _atomic_file(out: Path, write) -> None:
 
 
 def _atomic_folder(out: Path, write) -> None:
+    _remove_stale_temporaries(out)
     old = [p for p in out.iterdir()] if out.is_dir() else []
     if any(not re.fullmatch(r"frame_\d{5}\.png", p.name) or not p.is_file() for p in old):
         raise VidsynthError(f"cannot write PNG frames to {str(out)!r}: the folder exists and holds other files; "
                             "choose a new or empty folder")
     try:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_temporary_prefix(out), suffix=".partial"))
     except OSError as error:
         raise VidsynthError(f"cannot write PNG frames to {str(out)!r}: {error.strerror or error}; "
                             "choose a writable folder") from error
     try:
         write(tmp)
         if old:  # move the previous frames aside first: a folder cannot be replaced while it has files
-            retired = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            retired = Path(tempfile.mkdtemp(dir=out.parent, prefix=_temporary_prefix(out), suffix=".old"))
             os.replace(out, retired)
             os.replace(tmp, out)
             shutil.rmtree(retired)
