@@ -248,7 +248,8 @@ SUPPORTED_KINDS = ("SD 1.5 single file (UNet + VAE + CLIP-L)", "SDXL base single
                    "AnimateLCM, Lightning)", "AnimateDiff MotionLoRA", "AnimateDiff v3 domain adapter", "kohya LoRA",
                    "diffusers/peft LoRA", "IP-Adapter (ip-adapter_sd15 / ip-adapter_sdxl)",
                    "CLIP image encoder (IP-Adapter's ViT-H / ViT-bigG)",
-                   "ControlNet (SD 1.5 cldm .pth, SDXL diffusers layout incl. union)")
+                   "ControlNet (SD 1.5 cldm .pth, SDXL diffusers layout incl. union)",
+                   "SparseCtrl (v3_sd15_sparsectrl_rgb / _scribble)")
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -287,7 +288,7 @@ def identify(ckpt: Checkpoint, *, motion_version: str | None = None) -> Checkpoi
     keys = shapes.keys()
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
 
-    if _identify_image_prompt(ckpt, info):
+    if _identify_image_conditions(ckpt, info):
         return info
     lora_kind = lora_kind_of(keys)
     if lora_kind:
@@ -336,9 +337,20 @@ def identify(ckpt: Checkpoint, *, motion_version: str | None = None) -> Checkpoi
     raise CheckpointError(_unknown_message(ckpt))
 
 
-def _identify_image_prompt(ckpt: Checkpoint, info: CheckpointInfo) -> bool:
-    """IP-Adapter (``image_proj.*`` + ``ip_adapter.*``) and CLIP image encoders (``vision_model.*``): fill ``info``."""
+def _identify_image_conditions(ckpt: Checkpoint, info: CheckpointInfo) -> bool:
+    """IP-Adapter (``image_proj.*`` + ``ip_adapter.*``), CLIP image encoders (``vision_model.*``) and SparseCtrl
+    (``controlnet_cond_embedding`` with ``down_blocks.*.motion_modules``; before ControlNets, whose keys it shares):
+    fill ``info``."""
     keys = ckpt.shapes.keys()
+    if any(k.startswith("controlnet_cond_embedding.") for k in keys) and any(".motion_modules." in k for k in keys):
+        from .models.sparsectrl import SparseCtrlConfig
+        try:
+            config = SparseCtrlConfig.from_state_dict(ckpt.shapes)
+        except CheckpointError as err:
+            raise CheckpointError(f"{ckpt.path}: {err}") from None
+        info.kind, info.family = "sparsectrl", config.unet.family
+        info.components.append(Component("sparsectrl", "", config))
+        return True
     if any(k.startswith("image_proj.") for k in keys) and any(k.startswith("ip_adapter.") for k in keys):
         from .ip_adapter import IPAdapterConfig
         config = IPAdapterConfig.from_state_dict(ckpt.shapes, str(ckpt.path))

@@ -63,6 +63,9 @@ def _constructor(component: Component):
     if component.name == "ip_adapter":
         from .ip_adapter import IPAdapter
         return IPAdapter
+    if component.name == "sparsectrl":
+        from .models.sparsectrl import SparseControlNet
+        return SparseControlNet
     if component.name == "controlnet":
         from .models.controlnet import build_controlnet
         return build_controlnet
@@ -216,6 +219,7 @@ class ModelManager:
     motion_modules = property(lambda self: self.models.get("motion_modules"))
     image_encoder = property(lambda self: self.models.get("image_encoder"))
     ip_adapter = property(lambda self: self.models.get("ip_adapter"))
+    sparsectrl = property(lambda self: self.models.get("sparsectrl"))
 
     def __repr__(self) -> str:
         held = ", ".join(f"{name}<-{info.path.name}" for name, info in self.infos.items())

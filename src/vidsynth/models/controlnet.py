@@ -215,6 +215,20 @@ class DownBlock(nn.Module):
         return outs
 
 
+def diffusers_encoder(c: UNetConfig, block=DownBlock, **block_kwargs):
+    """``down_blocks``, ``controlnet_down_blocks``, ``mid_block``, ``controlnet_mid_block`` of a diffusers-layout
+    ControlNet; ``block`` builds each down block (SparseCtrl's adds motion modules, ``block_kwargs`` its settings)."""
+    mc = c.model_channels
+    channels = [mc * m for m in c.channel_mult]
+    down_blocks = nn.ModuleList(
+        block(c, ([mc] + channels)[i], ch, c.transformer_depth[i], i < len(channels) - 1, **block_kwargs)
+        for i, ch in enumerate(channels))
+    skips = [mc] + [ch for i, ch in enumerate(channels) for _ in range(c.num_res_blocks + (i < len(channels) - 1))]
+    mid_block = DownBlock(c, channels[-1], channels[-1], c.transformer_depth_middle, False, mid=True)
+    return (down_blocks, nn.ModuleList(nn.Conv2d(ch, ch, 1) for ch in skips), mid_block,
+            nn.Conv2d(channels[-1], channels[-1], 1))
+
+
 class ConditionEmbedding(nn.Module):
     """diffusers' ``controlnet_cond_embedding``: ``conv_in``, ``blocks``, ``conv_out`` with SiLU between."""
 
@@ -267,14 +281,7 @@ class DiffusersControlNet(nn.Module):
             self.task_embedding = nn.Parameter(torch.zeros(config.num_control_types, mc))
             self.transformer_layes = nn.ModuleList([ResidualAttentionBlock(mc, UNION_HEADS)])
             self.spatial_ch_projs = nn.Linear(mc, mc)
-        channels = [mc * m for m in c.channel_mult]
-        self.down_blocks = nn.ModuleList(
-            DownBlock(c, ([mc] + channels)[i], ch, c.transformer_depth[i], i < len(channels) - 1)
-            for i, ch in enumerate(channels))
-        skips = [mc] + [ch for i, ch in enumerate(channels) for _ in range(c.num_res_blocks + (i < len(channels) - 1))]
-        self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(ch, ch, 1) for ch in skips)
-        self.mid_block = DownBlock(c, channels[-1], channels[-1], c.transformer_depth_middle, False, mid=True)
-        self.controlnet_mid_block = nn.Conv2d(channels[-1], channels[-1], 1)
+        self.down_blocks, self.controlnet_down_blocks, self.mid_block, self.controlnet_mid_block = diffusers_encoder(c)
 
     @property
     def family(self) -> str:

@@ -238,10 +238,13 @@ class TemporalAttention(Attention):
 
 
 class TemporalTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, pe_length: int, pe_persistent: bool = True):
+    """``attention_blocks``: 2 in every motion module, 1 in SparseCtrl's (``attention_block_types: [Temporal_Self]``)."""
+
+    def __init__(self, dim: int, heads: int, pe_length: int, pe_persistent: bool = True, attention_blocks: int = 2):
         super().__init__()
-        self.attention_blocks = nn.ModuleList(TemporalAttention(dim, heads, pe_length, pe_persistent) for _ in range(2))
-        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2))
+        self.attention_blocks = nn.ModuleList(TemporalAttention(dim, heads, pe_length, pe_persistent)
+                                              for _ in range(attention_blocks))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(attention_blocks))
         self.ff = FeedForward(dim)
         self.ff_norm = nn.LayerNorm(dim)
 
@@ -260,13 +263,14 @@ class TemporalTransformer(nn.Module):
     """``(b*f, c, h, w) -> (b*f, c, h, w)``: attention along the frame axis at every pixel, plus the residual."""
 
     def __init__(self, channels: int, heads: int = 8, pe_length: int = 32, pool_norm: bool = False,
-                 pe_persistent: bool = True):
+                 pe_persistent: bool = True, attention_blocks: int = 2):
         super().__init__()
         self.pe_length = pe_length
         self.pool_norm = pool_norm
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
-        self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, heads, pe_length, pe_persistent)])
+        self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, heads, pe_length, pe_persistent,
+                                                                          attention_blocks)])
         self.proj_out = nn.Linear(channels, channels)
 
     def delta(self, h: torch.Tensor, num_frames: int, windows: FrameWindows | None = None) -> torch.Tensor:
@@ -294,9 +298,10 @@ class TemporalTransformer(nn.Module):
 
 class MotionModule(nn.Module):
     def __init__(self, channels: int, heads: int = 8, pe_length: int = 32, pool_norm: bool = False,
-                 pe_persistent: bool = True):
+                 pe_persistent: bool = True, attention_blocks: int = 2):
         super().__init__()
-        self.temporal_transformer = TemporalTransformer(channels, heads, pe_length, pool_norm, pe_persistent)
+        self.temporal_transformer = TemporalTransformer(channels, heads, pe_length, pool_norm, pe_persistent,
+                                                        attention_blocks)
 
     def forward(self, h: torch.Tensor, num_frames: int, scale: float | torch.Tensor = 1.0,
                 windows: FrameWindows | None = None) -> torch.Tensor:
