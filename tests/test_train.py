@@ -299,7 +299,8 @@ def test_cli_trains_from_a_single_file_checkpoint_with_cached_latents(data, tmp_
                     f"motion_version: v3\nnew_motion_pe_length: 16\n")
     assert cli_main(["train", "motion-module", "--config", str(path)]) == 0
     caches = list((out / "latent_cache").glob("*.pt"))
-    assert len(caches) == 6 and torch.load(caches[0], weights_only=True).shape == (VIDEO_FRAMES, 4, 8, 8)
+    cached = torch.load(caches[0], weights_only=True)  # the posterior: mean and standard deviation
+    assert len(caches) == 6 and cached.shape == (VIDEO_FRAMES, 8, 8, 8) and (cached[:, 4:] > 0).all()
     state = torch.load(out / "motion_module.ckpt", weights_only=True)
     assert not any(k.startswith("mid_block") for k in state)  # v3 layout: no mid-block module
     manager = ModelManager(torch_dtype=torch.float32, device="cpu")

@@ -1,7 +1,8 @@
 """Training configuration: one flat YAML mapping onto :class:`TrainConfig`; every key has a default except the data.
 
 Defaults follow guoyww/AnimateDiff's ``configs/training`` (AdamW 1e-4, weight decay 1e-2, grad-norm clip 1.0,
-linear betas 0.00085..0.012, 10% empty captions, 16 frames at stride 4, epsilon loss).
+10% empty captions, 16 frames at stride 4, epsilon loss, latents sampled from the VAE posterior as its train.py
+does). The noise schedule, unless set, is the original's for the stage (:data:`STAGE_SCHEDULES`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ STAGES = ("domain-adapter", "motion-module", "motion-lora")
 OUTPUT_NAMES = {"domain-adapter": "domain_adapter.ckpt", "motion-module": "motion_module.ckpt",
                 "motion-lora": "motion_lora.ckpt"}
 DEFAULT_RANKS = {"domain-adapter": 128, "motion-lora": 64}  # the ranks of v3_sd15_adapter and the v2 MotionLoRAs
+# (family, image stage?) -> (beta_schedule, beta_start, beta_end). SD 1.5: configs/training/v1/training.yaml (motion
+# module) and image_finetune.yaml (image stage). SDXL has no original training config: the image stage keeps SDXL's
+# own training schedule, the motion stages the one the sdxl branch samples mm_sdxl_v10_beta with.
+STAGE_SCHEDULES = {("sd15", False): ("linear", 0.00085, 0.012), ("sd15", True): ("scaled_linear", 0.00085, 0.012),
+                   ("sdxl", False): ("scaled_linear", 0.00085, 0.020), ("sdxl", True): ("scaled_linear", 0.00085, 0.012)}
 
 
 @dataclass
@@ -27,12 +33,14 @@ class TrainConfig:
     stride: int = 4                           # take every stride-th frame of the video
     size: int | list[int] = 256               # frame height and width (an int: square); resized, centre-cropped
     on_bad_data: str = "skip"                 # "skip": report by path and leave out; "error": refuse to start
-    cache_latents: bool = False               # encode every video once and train on the stored latents
+    cache_latents: bool = False               # encode every video once and train on the stored posteriors
+    latent_sampling: str = "sample"           # "sample" the VAE posterior (as the original) or take its "mean"
+    cache_text_embeddings: bool = False       # encode every caption once; the text encoders then leave the GPU
     latent_cache_dir: str | None = None       # default: <output_dir>/latent_cache
     caption_dropout: float = 0.1              # share of empty captions (classifier-free guidance)
     num_workers: int = 0                      # data-loader worker processes
     # models
-    base: str | None = None                   # SD 1.5 single-file checkpoint (UNet, VAE, text encoder)
+    base: str | None = None                   # SD 1.5 or SDXL single-file checkpoint (UNet, VAE, text encoders)
     vae: str | None = None                    # optional separate VAE file
     motion_module: str | None = None          # start from this file; none: a new one (motion-module stage only)
     motion_version: str | None = None         # version of the file (read off it when unset) or of a new module
@@ -54,9 +62,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 42
     device: str | None = None                 # "cpu" forces the CPU; default: what accelerate picks
-    beta_schedule: str = "linear"
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
+    beta_schedule: str | None = None          # default: the original's for the stage (STAGE_SCHEDULES)
+    beta_start: float | None = None
+    beta_end: float | None = None
     # output
     output_dir: str = "train_output"
     output_name: str | None = None            # default: domain_adapter.ckpt / motion_module.ckpt / motion_lora.ckpt
@@ -77,6 +85,8 @@ class TrainConfig:
             (self.frames >= 1, f"frames must be at least 1, got {self.frames}"),
             (self.stride >= 1, f"stride must be at least 1, got {self.stride}"),
             (self.on_bad_data in ("skip", "error"), f"on_bad_data must be 'skip' or 'error', got {self.on_bad_data!r}"),
+            (self.latent_sampling in ("sample", "mean"),
+             f"latent_sampling must be 'sample' or 'mean', got {self.latent_sampling!r}"),
             (0 <= self.caption_dropout <= 1, f"caption_dropout must be in [0, 1], got {self.caption_dropout}"),
             (self.mixed_precision in ("no", "fp16", "bf16"),
              f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}"),
@@ -109,6 +119,12 @@ class TrainConfig:
 
     def lora_rank(self, stage: str) -> int:
         return self.rank or DEFAULT_RANKS[stage]
+
+    def noise_schedule(self, stage: str, family: str) -> tuple[str, float, float]:
+        """(beta_schedule, beta_start, beta_end): the settings given, the rest from the stage's original."""
+        default = STAGE_SCHEDULES[family, stage == "domain-adapter"]
+        given = (self.beta_schedule, self.beta_start, self.beta_end)
+        return tuple(d if g is None else g for g, d in zip(given, default))
 
     def output_file(self, stage: str) -> Path:
         return Path(self.output_dir) / (self.output_name or OUTPUT_NAMES[stage])

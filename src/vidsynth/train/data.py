@@ -154,8 +154,16 @@ def to_tensor(images, height: int, width: int) -> torch.Tensor:
     return (x[:, :, top:top + height, left:left + width] / 127.5 - 1).clamp(-1, 1)
 
 
+def posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior of images ``(n, 3, H, W)``: ``(n, 2*latent, h, w)``, mean then standard deviation."""
+    p = vae.quant_conv.weight
+    mean, logvar = vae.quant_conv(vae.encoder(pixels.to(p.device, p.dtype))).chunk(2, dim=1)
+    return torch.cat([mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))], dim=1)
+
+
 class VideoClipDataset(Dataset):
-    """Clips of ``frames`` frames; ``dataset[(index, seed)]`` -> ``{"pixels" or "latents", "caption", "path"}``."""
+    """Clips of ``frames`` frames; ``dataset[(index, seed)]`` -> ``{"pixels" or "moments" (cached posterior),
+    "caption", "path", "seed"}``."""
 
     def __init__(self, root: str | Path, captions: str | Path | None = None, *, frames: int = 16, stride: int = 4,
                  size: tuple[int, int] = (256, 256), on_bad_data: str = "skip"):
@@ -179,16 +187,16 @@ class VideoClipDataset(Dataset):
         for attempt in range(len(self.samples)):  # a file that broke after the scan: report it, take the next one
             sample = self.samples[(index + attempt) % len(self.samples)]
             try:
-                return self.load(sample, random.Random(seed))
+                return {**self.load(sample, random.Random(seed)), "seed": seed}
             except (VidsynthError, OSError, ValueError, RuntimeError) as err:
                 log.warning("skipping %s: unreadable during training: %s", sample.path, err)
         raise VidsynthError("no training video could be read (see the warnings above)")
 
     def load(self, sample: Sample, rng: random.Random) -> dict:
         if self.cache is not None:
-            latents = self.cache.load(sample)
-            indices = clip_indices(latents.shape[0], self.frames, self.stride, rng)
-            return {"latents": latents[indices].float(), "caption": sample.caption, "path": str(sample.path)}
+            moments = self.cache.load(sample)
+            indices = clip_indices(moments.shape[0], self.frames, self.stride, rng)
+            return {"moments": moments[indices].float(), "caption": sample.caption, "path": str(sample.path)}
         indices = clip_indices(sample.num_frames, self.frames, self.stride, rng)
         images = load_video(sample.path, max_frames=indices[-1] + 1)
         if len(images) <= indices[-1]:
@@ -198,14 +206,17 @@ class VideoClipDataset(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    key = "latents" if "latents" in items[0] else "pixels"
+    key = "moments" if "moments" in items[0] else "pixels"
     return {key: torch.stack([item[key] for item in items]), "caption": [item["caption"] for item in items],
-            "path": [item["path"] for item in items]}
+            "path": [item["path"] for item in items], "seed": [item["seed"] for item in items]}
 
 
 class LatentCache:
-    """Per-video latents of all frames (VAE posterior mean, unscaled), one file per video under ``folder``. The
-    file name hashes the video's path, size and time, the frame size and the VAE's weights, so a change re-encodes."""
+    """Per-video VAE posteriors of all frames (:func:`posterior`: mean and standard deviation, unscaled), one file
+    per video under ``folder``; training samples from them afresh at every draw. The file name hashes the video's
+    path, size and time, the frame size, the VAE's weights and the format, so a change re-encodes."""
+
+    FORMAT = "posterior-v2"  # v1 stored only the mean
 
     def __init__(self, folder: str | Path, vae, size: tuple[int, int], batch: int = 16):
         self.folder, self.vae, self.size, self.batch = Path(folder), vae, tuple(size), batch
@@ -216,23 +227,21 @@ class LatentCache:
 
     def file(self, sample: Sample) -> Path:
         stat = sample.path.stat()
-        key = f"{sample.path}|{stat.st_size}|{stat.st_mtime_ns}|{self.size}|{self.vae_id}"
+        key = f"{sample.path}|{stat.st_size}|{stat.st_mtime_ns}|{self.size}|{self.vae_id}|{self.FORMAT}"
         return self.folder / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
 
     @torch.no_grad()
     def build(self, samples: list[Sample]) -> int:
         """Encode the samples not cached yet; returns how many were encoded."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        param = next(self.vae.parameters())
         encoded = 0
         for sample in samples:
             out = self.file(sample)
             if out.exists():
                 continue
             images = load_video(sample.path)  # decoded frames stay uint8; only one chunk at a time is float
-            latents = torch.cat([
-                self.vae.encode(to_tensor(images[i:i + self.batch], *self.size).to(param.device, param.dtype))
-                .float().cpu() for i in range(0, len(images), self.batch)])
+            latents = torch.cat([posterior(self.vae, to_tensor(images[i:i + self.batch], *self.size)).float().cpu()
+                                 for i in range(0, len(images), self.batch)])
             tmp = out.with_suffix(".tmp")
             torch.save(latents, tmp)
             tmp.replace(out)

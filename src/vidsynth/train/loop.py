@@ -1,8 +1,11 @@
 """The training loop on accelerate (CPU, one GPU, several GPUs with DDP): epsilon loss on noised latents.
 
-Reproducibility: the clips, their start frames, the noise, the timesteps and the dropped captions of micro-batch
-``m`` on process ``r`` are drawn from generators seeded by ``(seed, m, r)`` alone, so a resumed run draws exactly
-what the uninterrupted run would have drawn. Checkpoints also keep the global RNG states for anything else.
+Reproducibility: training sample number ``k`` (counted over the whole run, all processes together) is drawn from
+generators seeded by ``(seed, k)`` alone: which clip, its start frame, its caption dropout, its timestep, its
+posterior sample and its noise. Process ``r`` of ``N`` takes samples ``(m*N + r)*batch ...`` at micro-batch ``m``, so
+N processes with batch b train on exactly the samples one process with batch N*b (or with N accumulation steps)
+does, and a run resumed on another process count continues with the next sample. Checkpoints also keep the global
+RNG states for anything else.
 """
 from __future__ import annotations
 
@@ -20,10 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from ..errors import ConfigError
-from ..models.text import encode_chunks
 from ..sampling import NoiseSchedule
+from .conditioning import TextConditioner
 from .config import TrainConfig
-from .data import LatentCache, VideoClipDataset, collate
+from .data import LatentCache, VideoClipDataset, collate, posterior
 from .stages import StageSetup, TrainModels, setup_stage
 
 log = logging.getLogger(__name__)
@@ -36,8 +39,9 @@ def derived_seed(*parts: int) -> int:
 
 
 class StepBatches(Sampler):
-    """Endless micro-batches of ``(index, item seed)`` starting at micro-batch ``start``: sample number ``k`` is
-    position ``k % n`` of epoch ``k // n``'s permutation (seeded by the epoch), so any start point is exact."""
+    """Endless micro-batches of ``(index, item seed)`` for process ``rank`` of ``world``, from global sample number
+    ``start``: sample ``k`` is position ``k % n`` of epoch ``k // n``'s permutation (seeded by the epoch), so any
+    start point is exact."""
 
     def __init__(self, n: int, batch: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
         self.n, self.batch, self.seed, self.start, self.rank, self.world = n, batch, seed, start, rank, world
@@ -51,9 +55,9 @@ class StepBatches(Sampler):
         return int(self._perm[pos]), derived_seed(self.seed, k, 1)
 
     def __iter__(self):
-        m = self.start
+        m = 0
         while True:
-            first = (m * self.world + self.rank) * self.batch
+            first = self.start + (m * self.world + self.rank) * self.batch
             yield [self.item(first + i) for i in range(self.batch)]
             m += 1
 
@@ -65,9 +69,10 @@ class NoisePredictor(nn.Module):
         super().__init__()
         self.unet, self.motion, self.trainable = unet, setup.motion, setup.trainable
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
+                num_frames: int) -> torch.Tensor:
         pool = self.motion is not None and self.motion.config.pool_resnet_norms
-        return self.unet(x, timesteps, context, num_frames=num_frames, motion=self.motion, pool_resnet_norms=pool)
+        return self.unet(x, timesteps, context, y, num_frames=num_frames, motion=self.motion, pool_resnet_norms=pool)
 
 
 def make_accelerator(config: TrainConfig):
@@ -97,7 +102,8 @@ class Trainer:
         self.accelerator = acc = accelerator or make_accelerator(config)
         self.device, self.weight_dtype = acc.device, WEIGHT_DTYPES[config.mixed_precision]
         self.setup = setup = setup_stage(stage, config, models)
-        for module in (models.unet, models.vae, models.text_encoder, setup.motion):
+        encoders, tokenizers = models.text_encoders()
+        for module in (models.unet, models.vae, *encoders, setup.motion):
             if module is not None and module is not setup.trainable:
                 module.to(self.device, self.weight_dtype)
         setup.trainable.to(self.device, torch.float32)
@@ -105,10 +111,17 @@ class Trainer:
             if module is not None:
                 module.gradient_checkpointing = config.gradient_checkpointing
         models.vae.eval()
-        models.text_encoder.eval()
+        for encoder in encoders:
+            encoder.eval()
         self.latent_scale = models.vae.scaling_factor
-        self.alphas = NoiseSchedule.from_betas(config.beta_schedule, config.beta_start,
-                                               config.beta_end).alphas_cumprod.to(self.device)
+        self.schedule = config.noise_schedule(stage, models.family)
+        self.alphas = NoiseSchedule.from_betas(*self.schedule).alphas_cumprod.to(self.device)
+        sdxl = models.family == "sdxl"
+        self.text = TextConditioner(encoders, tokenizers, adm_channels=models.unet.config.adm_in_channels if sdxl
+                                    else None, size=config.height_width, device=self.device,
+                                    cache=config.cache_text_embeddings)
+        self.global_batch = config.batch_size * acc.num_processes * config.gradient_accumulation_steps
+        self.start_sample = 0
         self.dataset = self.make_dataset(config.data_root, config.captions, on_bad_data=config.on_bad_data)
         self.params = [p for p in setup.trainable.parameters() if p.requires_grad]
         self.model, self.optimizer = acc.prepare(NoisePredictor(models.unet, setup), make_optimizer(config, self.params))
@@ -130,32 +143,45 @@ class Trainer:
             log.info("cached the latents of %d videos in %s", encoded, folder)
         self.dataset.cache = cache
 
+    def _cache_text(self) -> None:
+        encoded = self.text.prefill(sample.caption for sample in self.dataset.samples)
+        log.info("cached the text embeddings of %d captions", encoded)
+        if self.device.type != "cpu":  # nothing encodes text any more: free the accelerator's memory
+            for encoder in self.text.encoders:
+                encoder.to("cpu")
+
     @torch.no_grad()
-    def _inputs(self, batch: dict, generator: torch.Generator, caption_dropout: float):
-        """Scaled latents ``(b*f, 4, h, w)``, text context ``(b, tokens, dim)`` and the batch's clip count."""
-        if "latents" in batch:
-            latents = batch["latents"].to(self.device, self.weight_dtype)
+    def _inputs(self, batch: dict, caption_dropout: float):
+        """Per clip, from its own generator (seeded by the sample's seed): caption dropout, timestep, posterior
+        sample, noise. Returns noisy latents ``(b*f, 4, h, w)``, noise, timesteps ``(b*f,)``, context, y, frames."""
+        if "moments" in batch:
+            moments = batch["moments"].to(self.device)
         else:
             pixels = batch["pixels"].to(self.device, self.weight_dtype)
-            latents = self.models.vae.encode(pixels.flatten(0, 1))
-        latents = latents.flatten(0, 1) if latents.ndim == 5 else latents
-        captions = list(batch["caption"])
-        drop = torch.rand(len(captions), generator=generator) < caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        ids = self.models.tokenizer.chunks(captions).to(self.device)
-        context, _ = encode_chunks(self.models.text_encoder, ids)
-        return latents.float() * self.latent_scale, context, len(captions)
+            moments = posterior(self.models.vae, pixels.flatten(0, 1)).unflatten(0, pixels.shape[:2])
+        clips, frames = moments.shape[:2]
+        captions, latents, noises, timesteps = [], [], [], []
+        for caption, seed, moment in zip(batch["caption"], batch["seed"], moments.float()):
+            g = torch.Generator().manual_seed(derived_seed(seed, 3))
+            captions.append("" if torch.rand((), generator=g).item() < caption_dropout else caption)
+            timesteps.append(torch.randint(0, self.alphas.numel(), (), generator=g))
+            mean, std = moment.chunk(2, dim=1)
+            if self.config.latent_sampling == "sample":  # as the original: latent_dist.sample()
+                mean = mean + std * torch.randn(mean.shape, generator=g).to(self.device)
+            latents.append(mean * self.latent_scale)
+            noises.append(torch.randn(mean.shape, generator=g).to(self.device))
+        latents, noise = torch.cat(latents), torch.cat(noises)
+        t = torch.stack(timesteps).to(self.device).repeat_interleave(frames)
+        a = self.alphas[t][:, None, None, None]
+        context, y = self.text(captions)
+        context = context.repeat_interleave(frames, dim=0)
+        y = y.repeat_interleave(frames, dim=0) if y is not None else None
+        return a.sqrt() * latents + (1 - a).sqrt() * noise, noise, t, context, y, frames
 
-    def loss(self, batch: dict, generator: torch.Generator, caption_dropout: float = 0.0) -> torch.Tensor:
-        """Epsilon-prediction MSE of one batch; every random draw comes from ``generator`` (on the CPU)."""
-        latents, context, clips = self._inputs(batch, generator, caption_dropout)
-        frames = latents.shape[0] // clips
-        noise = torch.randn(latents.shape, generator=generator).to(self.device)
-        t = torch.randint(0, self.alphas.numel(), (clips,), generator=generator).to(self.device)
-        a = self.alphas[t].repeat_interleave(frames)[:, None, None, None]
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        pred = self.model(noisy.to(self.weight_dtype), t.repeat_interleave(frames),
-                          context.repeat_interleave(frames, dim=0), frames)
+    def loss(self, batch: dict, caption_dropout: float = 0.0) -> torch.Tensor:
+        """Epsilon-prediction MSE of one batch; every random draw is the sample's own (see the module docstring)."""
+        noisy, noise, t, context, y, frames = self._inputs(batch, caption_dropout)
+        pred = self.model(noisy.to(self.weight_dtype), t, context, y, frames)
         return F.mse_loss(pred.float(), noise)
 
     @torch.no_grad()
@@ -168,9 +194,7 @@ class Trainer:
             dataset = self.make_dataset(dataset)
         was_training = self.model.training
         self.model.eval()
-        losses = [self.loss(collate([dataset[(i, derived_seed(seed, i))]]),
-                            torch.Generator().manual_seed(derived_seed(seed, i, 2))).item()
-                  for i in range(len(dataset))]
+        losses = [self.loss(collate([dataset[(i, derived_seed(seed, i))]])).item() for i in range(len(dataset))]
         self.model.train(was_training)
         return float(np.mean(losses))
 
@@ -184,10 +208,15 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._start_log(start)
             (self.out_dir / "bad_data.txt").write_text("".join(f"{bad}\n" for bad in self.dataset.bad))
+        acc.print(f"training {self.stage} ({self.models.family}): global batch {self.global_batch} = batch_size "
+                  f"{config.batch_size} x {acc.num_processes} process(es) x {config.gradient_accumulation_steps} "
+                  f"accumulation step(s); steps {start}..{config.max_steps}; noise schedule {self.schedule}")
         if config.cache_latents:
             self._cache_latents()
+        if config.cache_text_embeddings:
+            self._cache_text()
         accum = config.gradient_accumulation_steps
-        batches = StepBatches(len(self.dataset), config.batch_size, config.seed, start * accum,
+        batches = StepBatches(len(self.dataset), config.batch_size, config.seed, self.start_sample,
                               acc.process_index, acc.num_processes)
         loader = iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=config.num_workers,
                                  collate_fn=collate))
@@ -202,11 +231,9 @@ class Trainer:
                     group["lr"] = lr
                 total = torch.zeros((), device=self.device)
                 for micro in range(accum):
-                    m = step * accum + micro
-                    generator = torch.Generator().manual_seed(derived_seed(config.seed, m, acc.process_index, 3))
                     sync = nullcontext() if micro == accum - 1 else acc.no_sync(self.model)
                     with sync:
-                        loss = self.loss(next(loader), generator, config.caption_dropout)
+                        loss = self.loss(next(loader), config.caption_dropout)
                         acc.backward(loss / accum)
                     total += loss.detach() / accum
                 if config.max_grad_norm:
@@ -214,6 +241,7 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
+                self.start_sample += self.global_batch
                 value = acc.gather(total[None]).mean().item()
                 if step % config.log_every == 0:
                     self._log(step, value, lr)
@@ -255,7 +283,8 @@ class Trainer:
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            state = {"stage": self.stage, "step": step, "trainable": self.setup.trainable.state_dict(),
+            state = {"stage": self.stage, "step": step, "samples_seen": self.start_sample,
+                     "global_batch": self.global_batch, "trainable": self.setup.trainable.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                      "config": self.config.to_dict()}
@@ -298,8 +327,14 @@ class Trainer:
         if state.get("scaler") and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
-        log.info("resumed %s at step %d", path, state["step"])
-        return int(state["step"])
+        step = int(state["step"])
+        self.start_sample = int(state.get("samples_seen", step * self.global_batch))
+        if state.get("global_batch", self.global_batch) != self.global_batch:
+            log.warning("resume: the checkpoint trained with global batch %s, this run has %d: training continues "
+                        "with the next sample, but the loss curve will differ from the original run's",
+                        state.get("global_batch"), self.global_batch)
+        log.info("resumed %s at step %d (%d samples seen)", path, step, self.start_sample)
+        return step
 
     @property
     def loss_log(self) -> Path:
@@ -337,11 +372,16 @@ class Trainer:
         if not config.validation_prompts or not self.accelerator.is_main_process:
             return []
         from ..pipelines.sd_video import SDVideoPipeline
+        from ..pipelines.sdxl_video import SDXLVideoPipeline
         from ..video_io import save_video
 
         models, motion = self.models, self.setup.motion
-        pipe = SDVideoPipeline(models.unet, models.vae, [models.text_encoder], [models.tokenizer], motion,
-                               device=self.device, dtype=self.weight_dtype)
+        encoders, tokenizers = models.text_encoders()
+        for encoder in encoders:  # cached text embeddings may have sent them to the CPU
+            encoder.to(self.device)
+        pipeline = SDXLVideoPipeline if models.family == "sdxl" else SDVideoPipeline
+        pipe = pipeline(models.unet, models.vae, encoders, tokenizers, motion, device=self.device,
+                        dtype=self.weight_dtype)
         frames = 1 if motion is None else (config.validation_frames or config.frames)
         height, width = config.validation_height_width()
         written = []
@@ -354,6 +394,8 @@ class Trainer:
                 out = self.out_dir / "samples" / f"step-{step:06d}-{i:02d}.{config.validation_format}"
                 written.append(save_video(video, out, fps=8))
         self.model.train()
+        if self.config.cache_text_embeddings:
+            self._cache_text()
         return written
 
 

@@ -4,6 +4,9 @@
 - motion module: the temporal transformers, trained on clips with the image model frozen (a new set starts as the
   identity: zero ``proj_out``);
 - MotionLoRA: low-rank updates in the motion modules' temporal attention, UNet and motion module frozen.
+
+SD 1.5 and SDXL alike: an SDXL base (its UNet takes ``y``) brings its second text encoder, and a new SDXL motion
+module has the beta module's 15 sites (3 down levels x 2, 3 up levels x 3, no mid module).
 """
 from __future__ import annotations
 
@@ -14,12 +17,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.motion import _VERSION_LAYOUT as VERSION_LAYOUT  # version -> (base family, has a mid module)
 from ..models.motion import MotionConfig, MotionModuleSet, PositionalEncoding
 from ..tokenizer import CLIPTokenizer
 from .config import STAGES, TrainConfig
 from .lowrank import LowRankSet, domain_adapter_targets, motion_lora_targets
-
-_MID_MODULE = {"v1": False, "v2": True, "v3": False, "animatelcm": True, "lightning": True}
 
 
 @dataclass
@@ -30,6 +32,19 @@ class TrainModels:
     text_encoder: nn.Module
     tokenizer: CLIPTokenizer
     motion_modules: MotionModuleSet | None = None
+    text_encoder_2: nn.Module | None = None     # SDXL: OpenCLIP bigG
+    tokenizer_2: CLIPTokenizer | None = None    # SDXL: pads with "!" (id 0)
+
+    @property
+    def family(self) -> str:
+        return "sdxl" if getattr(self.unet, "label_emb", None) is not None else "sd15"
+
+    def text_encoders(self) -> tuple[list[nn.Module], list[CLIPTokenizer]]:
+        if self.family == "sd15":
+            return [self.text_encoder], [self.tokenizer]
+        if self.text_encoder_2 is None:
+            raise ConfigError("an SDXL UNet needs both text encoders: TrainModels(text_encoder_2=OpenCLIP bigG)")
+        return [self.text_encoder, self.text_encoder_2], [self.tokenizer, self.tokenizer_2 or CLIPTokenizer(pad_id=0)]
 
     @classmethod
     def load(cls, config: TrainConfig, device: torch.device | str = "cpu",
@@ -37,27 +52,34 @@ class TrainModels:
         from ..manager import ModelManager
 
         if not config.base:
-            raise ConfigError("the training config names no base model: set `base:` to an SD 1.5 single-file "
+            raise ConfigError("the training config names no base model: set `base:` to an SD 1.5 or SDXL single-file "
                               "checkpoint (e.g. v1-5-pruned-emaonly.safetensors)")
         manager = ModelManager(torch_dtype=dtype, device=device)
         manager.load_models([config.base])
-        if manager.family != "sd15" or manager.text_encoder is None or manager.vae is None:
-            raise ConfigError(f"{config.base}: training needs an SD 1.5 single-file checkpoint with UNet, VAE and text "
-                              f"encoder (found {manager.family or 'no'} family, {sorted(manager.models)})")
+        needed = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if manager.family == "sdxl" else [])
+        if manager.family not in ("sd15", "sdxl") or any(manager.fetch_model(n) is None for n in needed):
+            raise ConfigError(f"{config.base}: training needs an SD 1.5 or SDXL single-file checkpoint with UNet, VAE "
+                              f"and text encoder(s) (found {manager.family or 'no'} family, {sorted(manager.models)})")
         if config.vae:
             manager.load_models([config.vae])
         if config.motion_module:
             manager.load_models([config.motion_module], motion_version=config.motion_version)
-        return cls(manager.unet, manager.vae, manager.text_encoder, CLIPTokenizer(), manager.motion_modules)
+        return cls(manager.unet, manager.vae, manager.text_encoder, CLIPTokenizer(), manager.motion_modules,
+                   manager.text_encoder_2, CLIPTokenizer(pad_id=0) if manager.family == "sdxl" else None)
 
 
-def new_motion_modules(unet: nn.Module, version: str = "v3", pe_length: int = 32) -> MotionModuleSet:
+def new_motion_modules(unet: nn.Module, version: str | None = None, pe_length: int = 32) -> MotionModuleSet:
     """An untrained motion-module set for ``unet`` (zero output projections: the video model equals the image model
-    frame by frame). v2-style versions have a mid-block module, v1/v3 none."""
-    if version not in _MID_MODULE:
-        raise ConfigError(f"a new SD 1.5 motion module can be version {', '.join(_MID_MODULE)}, not {version!r}")
+    frame by frame). v2-style versions have a mid-block module, v1/v3 and the SDXL beta layout none. Default
+    version: v3 on SD 1.5, sdxl_beta on SDXL."""
+    sdxl = getattr(unet, "label_emb", None) is not None
+    version = version or ("sdxl_beta" if sdxl else "v3")
+    allowed = [v for v, (family, _) in VERSION_LAYOUT.items() if family == ("sdxl" if sdxl else "sd15")]
+    if version not in allowed:
+        raise ConfigError(f"a new {'SDXL' if sdxl else 'SD 1.5'} motion module can be version {', '.join(allowed)}, "
+                          f"not {version!r}")
     sites = {name: ch for name, ch in unet.motion_sites().items()
-             if _MID_MODULE[version] or not name.startswith("mid_block")}
+             if VERSION_LAYOUT[version][1] or not name.startswith("mid_block")}
     config = MotionConfig(version, f"new {version}-layout module for training", sites, pe_length)
     return MotionModuleSet.new(config).to(next(unet.parameters()).device)
 
@@ -82,9 +104,7 @@ class StageSetup:
 def setup_stage(stage: str, config: TrainConfig, models: TrainModels) -> StageSetup:
     if stage not in STAGES:
         raise ConfigError(f"unknown training stage {stage!r}; choose one of {', '.join(STAGES)}")
-    if getattr(models.unet, "label_emb", None) is not None:
-        raise ConfigError("training supports SD 1.5 UNets; this one is SDXL-style (it takes pooled text + time ids)")
-    for module in (models.unet, models.vae, models.text_encoder, models.motion_modules):
+    for module in (models.unet, models.vae, models.text_encoder, models.text_encoder_2, models.motion_modules):
         if module is not None:
             module.requires_grad_(False)
     if stage == "domain-adapter":
@@ -92,14 +112,18 @@ def setup_stage(stage: str, config: TrainConfig, models: TrainModels) -> StageSe
         setup = StageSetup(None, adapter, 1, adapter.file_state_dict)
     elif stage == "motion-module":
         if models.motion_modules is None:
-            models.motion_modules = new_motion_modules(models.unet, config.motion_version or "v3",
+            models.motion_modules = new_motion_modules(models.unet, config.motion_version,
                                                        config.new_motion_pe_length)
         motion = models.motion_modules
         setup = StageSetup(motion, motion, config.frames, lambda: motion_file_state(motion))
     else:
         if models.motion_modules is None:
             raise ConfigError("MotionLoRA training needs a motion module: set `motion_module:` to e.g. "
-                              "mm_sd_v15_v2.ckpt (the MotionLoRA only works with the module it was trained on)")
+                              "mm_sd_v15_v2.ckpt or mm_sdxl_v10_beta.ckpt (the MotionLoRA only works with the module "
+                              "it was trained on)")
+        if models.motion_modules.config.base_family != models.family:
+            raise ConfigError(f"the motion module is for {models.motion_modules.config.base_family}, the base model "
+                              f"is {models.family}")
         lora = LowRankSet(models.motion_modules, motion_lora_targets(models.motion_modules), config.lora_rank(stage))
         setup = StageSetup(models.motion_modules, lora, config.frames, lora.file_state_dict)
     if setup.motion is not None and config.frames > setup.motion.config.pe_length:
