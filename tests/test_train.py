@@ -273,13 +273,16 @@ def test_bad_data_is_reported_by_path_and_skipped_or_refused(data, tmp_path, cap
 
 # ------------------------------------------------------------------------------------------------------- config
 
-def write_tiny_sd15_file(path: Path) -> None:
-    """A single-file checkpoint that identifies as SD 1.5 (context 768) with tiny UNet, VAE and one-layer CLIP."""
+def write_tiny_sd15_file(path: Path, levels: int = 2) -> None:
+    """A single-file checkpoint that identifies as SD 1.5 (context 768) with tiny UNet, VAE and one-layer CLIP;
+    ``levels=4``: SD 1.5's block structure (2 resnets per level), so motion-module files for it are recognised."""
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    unet = UNetModel(UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                                transformer_depth=(1, 1), transformer_depth_middle=1, context_dim=768, num_heads=8))
+    structure = dict(channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1)) if levels == 2 else \
+        dict(channel_mult=(1, 2, 2, 2), num_res_blocks=2, transformer_depth=(1, 1, 1, 0))
+    unet = UNetModel(UNetConfig(in_channels=4, out_channels=4, model_channels=32, transformer_depth_middle=1,
+                                context_dim=768, num_heads=8, **structure))
     vae = AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1))
     text = CLIPTextModel(TextEncoderConfig(49408, 768, 1, 12, 77, "quick_gelu", None, "hf"))
     state = {}

@@ -101,6 +101,7 @@ class Trainer:
         self.stage, self.config, self.models = stage, config, models
         self.accelerator = acc = accelerator or make_accelerator(config)
         self.device, self.weight_dtype = acc.device, WEIGHT_DTYPES[config.mixed_precision]
+        torch.manual_seed(config.seed)  # the LoRA initialisation: the same on every process and every run
         self.setup = setup = setup_stage(stage, config, models)
         encoders, tokenizers = models.text_encoders()
         for module in (models.unet, models.vae, *encoders, setup.motion):
