@@ -19,6 +19,7 @@ from vidsynth.models.unet import UNetConfig, UNetModel
 from vidsynth.models.vae import AutoencoderKL, VAEConfig
 from vidsynth.tokenizer import CLIPTokenizer
 from vidsynth.train import TrainConfig, Trainer, TrainModels, VideoClipDataset, load_config, new_motion_modules
+from vidsynth.train.data import collate
 from vidsynth.video_io import load_video, save_video
 
 FRAMES, SIZE, VIDEO_FRAMES = 8, 64, 10
@@ -350,3 +351,51 @@ def test_jsonl_rows_that_are_not_objects_are_refused(tmp_path):
     captions.write_text('{"path": "a.mp4", "caption": "a cat"}\n["b.mp4", "a dog"]\n')
     with pytest.raises(ConfigError, match=r"rows \[2\]"):
         read_captions(captions)
+
+
+# ------------------------------------------------------------------------------------- fidelity to the original
+
+@pytest.mark.parametrize("stage, family, schedule", [
+    ("motion-lora", "sd15", ("linear", 0.00085, 0.012)),          # configs/training/v1/training.yaml
+    ("motion-module", "sd15", ("linear", 0.00085, 0.012)),
+    ("domain-adapter", "sd15", ("scaled_linear", 0.00085, 0.012)),  # configs/training/v1/image_finetune.yaml
+    ("motion-lora", "sdxl", ("scaled_linear", 0.00085, 0.020)),   # the sdxl branch's schedule for mm_sdxl_v10_beta
+    ("domain-adapter", "sdxl", ("scaled_linear", 0.00085, 0.012)),  # SDXL base's own
+])
+def test_noise_schedule_per_stage_is_the_originals(stage, family, schedule):
+    """The trainer's cumulative alphas equal diffusers' DDPMScheduler built with the original config's betas
+    (max difference 0 to ~1e-7); a setting given in the config wins over the stage's default."""
+    from diffusers import DDPMScheduler
+    from vidsynth.sampling import NoiseSchedule
+
+    resolved = TrainConfig().noise_schedule(stage, family)
+    assert resolved == schedule
+    name, start, end = schedule
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_start=start, beta_end=end, beta_schedule=name)
+    torch.testing.assert_close(NoiseSchedule.from_betas(*resolved).alphas_cumprod, reference.alphas_cumprod,
+                               atol=1e-6, rtol=0)
+    assert TrainConfig(beta_schedule="linear").noise_schedule(stage, family) == ("linear", start, end)
+
+
+@pytest.mark.parametrize("sampling", ["sample", "mean"])
+def test_latents_are_drawn_from_the_vae_posterior(data, tmp_path, sampling):
+    """As the original train.py (``vae.encode(x).latent_dist.sample()``): the clean latent under the noise is
+    mean + std * N(0, 1) of diffusers' posterior for the same VAE weights; ``latent_sampling: mean`` takes the mean
+    (agreement with diffusers' mean 1e-5 of its scale)."""
+    from tiny_models import diffusers_vae
+
+    trainer = Trainer("motion-lora", config(data, tmp_path, latent_sampling=sampling), tiny_models("random"))
+    batch = collate([trainer.dataset[(0, 123)]])
+    noisy, noise, t, _, _, frames = trainer._inputs(batch, 0.0)
+    a = trainer.alphas[t][:, None, None, None]
+    clean = (noisy - (1 - a).sqrt() * noise) / a.sqrt() / trainer.latent_scale
+    with torch.no_grad():
+        posterior = diffusers_vae(trainer.models.vae, trainer.latent_scale).encode(batch["pixels"][0]).latent_dist
+    z = (clean - posterior.mean) / posterior.std
+    scale = posterior.mean.abs().max().item()
+    if sampling == "mean":
+        assert z.abs().max() * posterior.std.max() < 1e-5 * scale
+    else:
+        assert abs(z.mean().item()) < 0.1 and 0.9 < z.std().item() < 1.1, (z.mean(), z.std())
+        again = trainer._inputs(collate([trainer.dataset[(0, 124)]]), 0.0)  # another draw: another sample
+        assert not torch.allclose(again[0], noisy)
