@@ -1,0 +1,104 @@
+"""The web UI in a real browser: Debian's Chromium (installed by .ci/run), driven by Playwright, against `vidsynth ui`
+on tiny local models. A screenshot of the finished page is kept as a test artefact."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from tiny_files import write_tiny_files
+from vidsynth.render import read_recipe
+from vidsynth.video_io import video_info
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("VIDSYNTH_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+pytest.importorskip("gradio", reason="the web UI's optional dependency: pip install '.[ui]'")
+playwright = pytest.importorskip("playwright.sync_api", reason="test dependency: pip install '.[test]'")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from vidsynth.ui import launch
+
+    root = tmp_path_factory.mktemp("ui")
+    files = write_tiny_files(root / "models" / "tiny")
+    (root / "models" / "junk.safetensors").write_bytes(b"not a model")  # skipped by the pickers, not an error
+    port = free_port()
+    app = launch(root / "models", root / "outputs", port=port, device="cpu", dtype="float32", block=False)
+    yield f"http://127.0.0.1:{port}", root, files
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def page():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium is not installed at {CHROMIUM}: apt-get install chromium (.ci/run does)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        yield page
+        browser.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def pick(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option).click()
+
+
+def test_generate_in_the_browser(server, page):
+    url, root, files = server
+    page.goto(url)
+    page.wait_for_selector("#generate")
+    pick(page, "base", "tiny/tiny_sd15.safetensors")
+    pick(page, "motion", "tiny/tiny_mm_v2.ckpt")
+    page.locator("#prompt textarea").fill("a red fox running in the snow")
+    for elem_id, value in {"width": 64, "height": 64, "frames": 4, "steps": 2, "seed": 11}.items():
+        set_number(page, elem_id, value)
+    page.locator("#generate").click()
+    page.wait_for_selector("#result video", timeout=300_000)
+    playable = page.wait_for_function(
+        "() => { const v = document.querySelector('#result video'); return v && v.readyState >= 2 && v.duration > 0 }",
+        timeout=60_000)
+    assert playable
+    page.wait_for_timeout(500)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui_generate.png"), full_page=True)
+
+    (video,) = sorted((root / "outputs").glob("*.mp4"))
+    info = video_info(video)
+    assert (info["frames"], info["width"], info["height"]) == (4, 64, 64)
+    recipe = read_recipe(video)
+    assert (recipe.prompt, recipe.seed, recipe.steps, recipe.base.name) == (
+        "a red fox running in the snow", 11, 2, "tiny_sd15.safetensors")
+    assert "seed: 11" in page.locator("#recipe textarea").input_value()
+    assert page.locator("#gallery").get_by_text("a red fox running in the snow").count() >= 1
+
+
+def test_errors_are_messages_not_tracebacks(server, page):
+    url, root, _ = server
+    page.goto(url)
+    page.wait_for_selector("#generate")
+    page.locator("#prompt textarea").fill("a fox")
+    set_number(page, "width", 60)  # not a multiple of 8
+    page.locator("#generate").click()
+    message = page.get_by_text("multiples of 8")
+    message.first.wait_for(timeout=120_000)
+    assert page.get_by_text("Traceback").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "ui_error.png"), full_page=True)
