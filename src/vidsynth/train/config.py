@@ -7,11 +7,13 @@ does). The noise schedule, unless set, is the original's for the stage (:data:`S
 from __future__ import annotations
 
 import difflib
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .original import is_original, translate
 
 STAGES = ("domain-adapter", "motion-module", "motion-lora")
 OUTPUT_NAMES = {"domain-adapter": "domain_adapter.ckpt", "motion-module": "motion_module.ckpt",
@@ -179,7 +181,8 @@ def _hw(value) -> tuple[int, int] | None:
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    """Read a YAML training config; unknown keys and impossible values raise ConfigError naming them."""
+    """Read a YAML training config, ours or the original AnimateDiff's (:mod:`.original`, reported key by key);
+    unknown keys and impossible values raise ConfigError naming them."""
     import yaml
 
     path = Path(path)
@@ -189,6 +192,10 @@ def load_config(path: str | Path) -> TrainConfig:
         raise ConfigError(f"training config {str(path)!r} does not exist") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"training config {str(path)!r} is not valid YAML: {err}") from None
+    if is_original(values):
+        translation = translate(values, {f.name for f in fields(TrainConfig)})
+        print(translation.report(str(path)), file=sys.stderr)
+        values = translation.values
     try:
         return TrainConfig.from_dict(values, source=str(path))
     except TypeError as err:
