@@ -24,6 +24,7 @@ from vidsynth.sampling import (  # noqa: E402
     NoiseSchedule,
     sample,
     sampling_plan,
+    start_step,
     validate,
 )
 
@@ -127,7 +128,7 @@ def test_matches_diffusers_step_by_step(cfg: SamplerConfig, steps: int):
         return toy_eps(x, t)
 
     result = sample(cfg, eps, noise, steps, generator=torch.Generator().manual_seed(7),
-                    callback=lambda i, n: progress.append((i, n)), trace=trace)
+                    callback=lambda i, x: progress.append((i, steps)), trace=trace)
 
     assert_same_timesteps(torch.tensor(seen_ts, dtype=torch.float64), expected_ts, cfg)
     assert progress == [(i, steps) for i in range(steps)]
@@ -137,6 +138,59 @@ def test_matches_diffusers_step_by_step(cfg: SamplerConfig, steps: int):
         assert err <= ATOL, f"step {i}: max abs error {err:.2e}"
     assert torch.equal(result, trace[-1])
     assert result.abs().max() > 0.05  # a real result, not a collapsed one
+
+
+START_CASES = [
+    (SamplerConfig(), 10, 0.6),
+    (SamplerConfig(eta=0.7), 8, 0.5),
+    (SamplerConfig(sampler="euler", beta_schedule="scaled_linear", beta_end=0.020), 8, 0.75),
+    (SamplerConfig(sampler="euler", timestep_spacing="trailing"), 6, 0.5),
+    (SamplerConfig(sampler="euler_a"), 8, 0.4),
+    (SamplerConfig(sampler="dpmpp_2m"), 10, 0.7),
+    (SamplerConfig(sampler="dpmpp_2m", karras=True, beta_schedule="scaled_linear"), 12, 0.5),
+    (SamplerConfig(sampler="lcm", original_inference_steps=100), 6, 0.5),
+]
+
+
+@pytest.mark.parametrize("cfg,steps,strength", START_CASES, ids=lambda v: case_id(v) if not isinstance(v, float)
+                         else f"strength{v}")
+def test_start_mid_schedule_matches_diffusers(cfg: SamplerConfig, steps: int, strength: float):
+    """Video-to-video: diffusers' get_timesteps (``int(steps * strength)`` steps run), ``add_noise`` at the first of
+    them, ``set_begin_index``, then the same loop. Same tolerance as the full runs."""
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    scheduler = diffusers_scheduler(cfg)
+    scheduler.set_timesteps(steps)
+    begin = steps - min(int(steps * strength), steps)
+    timesteps = scheduler.timesteps[begin * scheduler.order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin * scheduler.order)
+    x = scheduler.add_noise(init, noise, timesteps[:1])
+    generator, expected = torch.Generator().manual_seed(7), []
+    kwargs = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
+    for t in timesteps:
+        x = scheduler.step(toy_eps(scheduler.scale_model_input(x, t), t), t, x, generator=generator, **kwargs).prev_sample
+        sigma = scheduler.sigmas[scheduler.step_index] if cfg.sampler in ("euler", "euler_a") else 0.0
+        expected.append(x / (sigma**2 + 1) ** 0.5)
+
+    start = start_step(steps, strength)
+    assert start == begin and 0 < start < steps
+    seen, trace = [], []
+    result = sample(cfg, lambda x, t: seen.append(t.item()) or toy_eps(x, t), noise, steps, init=init, start=start,
+                    generator=torch.Generator().manual_seed(7), trace=trace)
+    assert_same_timesteps(torch.tensor(seen, dtype=torch.float64), timesteps, cfg)
+    assert len(trace) == len(expected) == steps - start
+    for i, (ours, theirs) in enumerate(zip(trace, expected)):
+        err = (ours - theirs).abs().max().item()
+        assert err <= ATOL, f"step {start + i}: max abs error {err:.2e}"
+    assert (result - init).abs().max() > 0.05  # the start state was noised: the result is not the input
+
+
+def test_start_needs_init_and_a_step_in_range():
+    with pytest.raises(ConfigError, match="init="):
+        sample(SamplerConfig(), toy_eps, torch.zeros(SHAPE), 4, start=2)
+    with pytest.raises(ConfigError, match="first sampling step"):
+        sample(SamplerConfig(), toy_eps, torch.zeros(SHAPE), 4, init=torch.zeros(SHAPE), start=4)
 
 
 FAMILIES = {

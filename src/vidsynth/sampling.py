@@ -298,29 +298,63 @@ _RULES: dict[str, Callable[..., Rule]] = {
 }
 
 
+def start_step(steps: int, strength: float) -> int:
+    """Index of the first step that runs when sampling starts from given latents with ``strength`` in (0, 1]:
+    ``int(steps * strength)`` steps run, as in diffusers' img2img / video-to-video pipelines."""
+    return steps - min(int(steps * strength), steps)
+
+
+def noised(plan: SamplingPlan, x0: Tensor, noise: Tensor, start: int) -> Tensor:
+    """``x0`` noised to the level of step ``start``, VP-scaled: what every diffusers scheduler's ``add_noise`` gives
+    (``sqrt(alpha) x0 + sqrt(1 - alpha) noise``; the sigma-space schedulers then hold it times sqrt(1 + sigma^2))."""
+    sigma = plan.sigmas[start].item()
+    return (x0 + sigma * noise) / math.sqrt(1 + sigma**2)
+
+
+def diffusers_state_scale(config: SamplerConfig, sigma: float) -> float:
+    """Factor from our VP-scaled state to the latents a diffusers scheduler holds at level ``sigma``: the Euler
+    schedulers keep theirs in sigma space, the others VP-scaled."""
+    return math.sqrt(1 + sigma**2) if config.sampler in ("euler", "euler_a") else 1.0
+
+
+StepCallback = Callable[[int, Tensor], "Tensor | None"]
+"""``callback(i, x)`` after step ``i`` with the VP-scaled state; it may return a replacement state."""
+
+
 def sample(
     config: SamplerConfig,
     eps: EpsFn,
     noise: Tensor,
     steps: int,
     *,
+    init: Tensor | None = None,
+    start: int = 0,
     generator: torch.Generator | None = None,
-    callback: Callable[[int, int], None] | None = None,
+    callback: StepCallback | None = None,
     trace: list[Tensor] | None = None,
 ) -> Tensor:
     """Denoise unit Gaussian ``noise`` in ``steps`` steps and return the x_0 estimate (in noise.dtype).
 
+    With ``init`` (clean latents, e.g. encoded video frames) sampling starts at step ``start`` from ``init`` noised to
+    that step's level with ``noise``; without it, from pure noise at step 0.
     ``eps(x_vp, t)`` is called once per step with the VP-scaled latent and a 0-d float32 timestep. The state is kept
     in float32 (float64 if the noise is). Extra noise (DDIM eta > 0, euler_a, lcm) is drawn with ``generator`` in
-    noise.dtype. ``callback(i, steps)`` runs after each step; ``trace``, if given, receives the VP-scaled state after
-    each step (diffusers' ``prev_sample``; Euler's divided by sqrt(1 + sigma_next^2)).
+    noise.dtype. ``callback(i, x)`` runs after each step (see StepCallback); ``trace``, if given, receives the VP-scaled
+    state after each step (diffusers' ``prev_sample``; Euler's divided by sqrt(1 + sigma_next^2)).
     """
     plan = validate(config, steps)
+    if not 0 <= start < steps:
+        raise ConfigError(f"the first sampling step must be in [0, {steps}), got {start}")
+    if init is None and start:
+        raise ConfigError("starting mid-schedule needs the clean latents to noise (init=)")
     work = torch.promote_types(noise.dtype, torch.float32)
     rule = _RULES[config.sampler](config, plan, lambda: seeded_randn_like(noise, generator).to(work))
     timesteps = plan.timesteps.to(device=noise.device, dtype=torch.float32)
-    x = noise.to(work) * (plan.init_sigma / math.sqrt(1 + plan.sigmas[0].item() ** 2))
-    for i in range(steps):
+    if init is None:
+        x = noise.to(work) * (plan.init_sigma / math.sqrt(1 + plan.sigmas[0].item() ** 2))
+    else:
+        x = noised(plan, init.to(work), noise.to(work), start)
+    for i in range(start, steps):
         sigma, sigma_next = plan.sigmas[i].item(), plan.sigmas_next[i].item()
         scale = math.sqrt(1 + sigma**2)
         out = eps(x, timesteps[i]).to(work)
@@ -332,5 +366,7 @@ def sample(
         if trace is not None:
             trace.append(x)
         if callback is not None:
-            callback(i, steps)
+            replaced = callback(i, x)
+            if replaced is not None:
+                x = replaced.to(work)
     return x.to(noise.dtype)
