@@ -131,7 +131,11 @@ def test_long_prompts_and_diffsynth_window_names(sd15):
     (dict(clip_skip=0), "clip_skip"),
     (dict(latents=torch.zeros(1, 4, 3, 8, 8)), "latents must have shape"),
     (dict(context_overlap=16, num_frames=40, context_length=16), "context_overlap"),
-    (dict(strength=0.5), "unexpected argument"),
+    (dict(strenght=0.5), "unexpected argument"),
+    (dict(strength=0.5), "needs input_frames"),
+    (dict(input_frames=[], denoising_strength=0.5), "input_frames"),
+    (dict(cfg_scale=float("nan")), "cfg_scale"),
+    (dict(prompt=None), "prompt"),
 ])
 def test_bad_arguments_are_refused_before_any_compute(sd15, bad, match):
     pipe = sd15.pipeline()

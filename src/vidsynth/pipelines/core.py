@@ -5,24 +5,24 @@ into the batch for every layer except the motion modules.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import logging
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import sampling
 from ..errors import ConfigError
-from .context import context_windows, window_weights
+from .conditioning import Conditioning
+from .denoiser import WindowedDenoiser
+from .frames import frames_tensor
+from .initial import frames_per_call, initial_state
+from .request import FALLBACK_SAMPLING, VideoRequest, check, sampler_config
 
+logger = logging.getLogger(__name__)
 
-@dataclass
-class Conditioning:
-    context: torch.Tensor            # (n, tokens, dim)
-    y: torch.Tensor | None = None    # (n, adm) for SDXL
-
-
-FALLBACK_SAMPLING = {"sampler": "ddim", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                     "timestep_spacing": "leading", "steps_offset": 1, "steps": 25, "cfg_scale": 7.5}
+# DiffSynth-Studio 1.x call arguments that only tune its memory use or progress display: accepted, no effect here
+DIFFSYNTH_NO_EFFECT = ("unet_batch_size", "controlnet_batch_size", "vram_limit_level", "tile_size", "tile_stride",
+                       "progress_bar_cmd", "progress_bar_st", "smoother_progress_ids")
 
 
 class VideoPipeline:
@@ -49,8 +49,22 @@ class VideoPipeline:
             raise ConfigError(f"the ModelManager holds a {mm.family} model; use "
                               f"{'SDXLVideoPipeline' if mm.family == 'sdxl' else 'SDVideoPipeline'} for it")
         encoders = [mm.fetch_model(n) for n in ("text_encoder", "text_encoder_2") if mm.fetch_model(n) is not None]
-        return cls(mm.unet, mm.vae, encoders, cls.make_tokenizers(), mm.motion_modules,
+        pipe = cls(mm.unet, mm.vae, encoders, cls.make_tokenizers(), mm.motion_modules,
                    device=mm.device, dtype=mm.torch_dtype, **kwargs)
+        for path in getattr(mm, "textual_inversions", ()):
+            pipe.load_textual_inversion(path)
+        return pipe
+
+    def load_textual_inversion(self, path, token: str | None = None) -> str:
+        """Make ``token`` (default: the file's name without extension) stand for the embedding in ``path`` in this
+        pipeline's prompts; returns the word. diffusers' name; DiffSynth's is ``pipe.prompter.load_textual_inversions``."""
+        from ..textual_inversion import attach_embedding
+        return attach_embedding(self.tokenizers, self.text_encoders, path, token)
+
+    @property
+    def prompter(self):
+        from ..textual_inversion import Prompter
+        return Prompter(self)
 
     @classmethod
     def required_models(cls) -> tuple[str, ...]:
@@ -64,107 +78,150 @@ class VideoPipeline:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------- call
+    default_size: int = 512
+
     @torch.inference_mode()
-    def __call__(self, prompt: str, negative_prompt: str = "", cfg_scale: float | None = None, height: int = 512,
-                 width: int = 512, num_frames: int = 16, num_inference_steps: int | None = None, *,
-                 seed: int | None = None, generator: torch.Generator | None = None, sampler: str | None = None,
-                 clip_skip: int = 1, latents: torch.Tensor | None = None, output_type: str = "pil",
-                 context_length: int | None = None, context_overlap: int = 4, closed_loop: bool = False,
-                 motion_scale: float = 1.0, progress_bar: bool = True, allow_static: bool = False,
-                 vae_batch_size: int | None = None, tiled: bool | None = None,
+    def __call__(self, prompt, negative_prompt="", cfg_scale: float | None = None, height: int | None = None,
+                 width: int | None = None, num_frames: int | None = None, num_inference_steps: int | None = None, *,
+                 clip_skip: int = 1, input_frames=None, denoising_strength: float = 1.0, seed: int | None = None,
+                 generator: torch.Generator | None = None, sampler: str | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", context_length: int | None = None,
+                 context_overlap: int = 4, closed_loop: bool = False, motion_scale: float = 1.0,
+                 num_videos_per_prompt: int = 1, callback_on_step_end=None, progress_bar: bool = True,
+                 allow_static: bool = False, vae_batch_size: int | None = None, tiled: bool | None = None,
                  animatediff_batch_size: int | None = None, animatediff_stride: int | None = None, **options):
+        """Render a video (a list of frames, or as ``output_type`` says). A list of prompts renders one video per
+        prompt (and ``num_videos_per_prompt`` each), the i-th with ``seed + i`` when a seed is given; then a list of
+        videos is returned. Names of DiffSynth-Studio 1.x and diffusers are accepted (``strength`` / ``video``,
+        ``animatediff_batch_size`` / ``animatediff_stride``); sampler settings (``eta``, ``karras``, ...) too."""
+        if "strength" in options:  # diffusers' names
+            denoising_strength = options.pop("strength")
+        if "video" in options:
+            input_frames = options.pop("video")
+        if "guidance_scale" in options:
+            cfg_scale = options.pop("guidance_scale")
+        if options.pop("smoother", None) is not None or options.pop("cross_frame_attention", False):
+            raise ConfigError("DiffSynth's smoother and cross_frame_attention are not supported; drop them")
+        for name in DIFFSYNTH_NO_EFFECT:
+            options.pop(name, None)
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ConfigError(f"num_videos_per_prompt must be a positive integer, got {num_videos_per_prompt!r}")
+        prompts = prompt if isinstance(prompt, (list, tuple)) else [prompt]
+        negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt] * len(prompts)
+        if not prompts or len(negatives) != len(prompts):
+            raise ConfigError(f"negative_prompt must be one string or one per prompt: got {len(negatives)} for "
+                              f"{len(prompts)} prompt(s)")
+        jobs = [(p, n) for p, n in zip(prompts, negatives) for _ in range(num_videos_per_prompt)]
+        if latents is not None and len(jobs) > 1:
+            raise ConfigError("latents= fixes the noise of one video; with several prompts / videos per prompt pass "
+                              "a seed instead")
+        common = dict(cfg_scale=cfg_scale, height=height, width=width, num_frames=num_frames,
+                      num_inference_steps=num_inference_steps, clip_skip=clip_skip, input_frames=input_frames,
+                      denoising_strength=denoising_strength, generator=generator, sampler=sampler, latents=latents,
+                      output_type=output_type, context_length=context_length, context_overlap=context_overlap,
+                      closed_loop=closed_loop, motion_scale=motion_scale, callback_on_step_end=callback_on_step_end,
+                      progress_bar=progress_bar, vae_batch_size=vae_batch_size, tiled=tiled,
+                      animatediff_batch_size=animatediff_batch_size, animatediff_stride=animatediff_stride)
+        requests = [self.make_request(p, n, seed=None if seed is None else seed + i, options=dict(options), **common)
+                    for i, (p, n) in enumerate(jobs)]
+        for r in requests:  # every request checked before the first one renders
+            check(r, self.motion_modules, allow_static)
+            if self.motion_modules is not None:
+                self.check_motion_fits(self.motion_modules)
+        videos = [self.run(r) for r in requests]
+        return videos if isinstance(prompt, (list, tuple)) or num_videos_per_prompt > 1 else videos[0]
+
+    def make_request(self, prompt, negative_prompt, *, cfg_scale, height, width, num_frames, num_inference_steps,
+                     seed, generator, sampler, input_frames, context_length, context_overlap, animatediff_batch_size,
+                     animatediff_stride, options, **fields) -> VideoRequest:
+        """The call's arguments, defaults filled in, as one request (checked separately by ``request.check``)."""
         if animatediff_batch_size is not None:  # DiffSynth's names: window length and window stride
             context_length = animatediff_batch_size
         if animatediff_stride is not None:
             context_overlap = (context_length or 16) - animatediff_stride
         defaults = self.default_sampling()
-        cfg_scale = defaults["cfg_scale"] if cfg_scale is None else cfg_scale
-        steps = defaults["steps"] if num_inference_steps is None else num_inference_steps
-        extra = {k: options.pop(k) for k in self.conditioning_options if k in options}
-        config = self.sampler_config(defaults, sampler, options)
+        conditioning_options = {k: options.pop(k) for k in self.conditioning_options if k in options}
+        config = sampler_config(defaults, sampler, options)
         if options:
             raise ConfigError(f"unexpected argument(s) {', '.join(sorted(options))}; sampler settings are "
                               f"{', '.join(sampling.SamplerConfig.__dataclass_fields__)}")
-        window = self.check(height=height, width=width, num_frames=num_frames, cfg_scale=cfg_scale, steps=steps,
-                            config=config, clip_skip=clip_skip, latents=latents, output_type=output_type,
-                            context_length=context_length, context_overlap=context_overlap, allow_static=allow_static)
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        frames = None
+        if input_frames is not None:
+            if isinstance(height, int) and isinstance(width, int) and height % 8 == 0 and width % 8 == 0:
+                frames = frames_tensor(input_frames, height, width)
+            else:
+                frames = torch.empty(0)  # the size check reports the problem
+        if num_frames is None:
+            num_frames = len(frames) if frames is not None and len(frames) else 16
+        if context_length is None:
+            native = self.motion_modules.config.pe_length if self.motion_modules is not None else 16
+            context_length = min(16, native)
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
+        return VideoRequest(
+            prompt=prompt, negative_prompt=negative_prompt,
+            cfg_scale=defaults["cfg_scale"] if cfg_scale is None else cfg_scale, height=height, width=width,
+            num_frames=num_frames, steps=defaults["steps"] if num_inference_steps is None else num_inference_steps,
+            sampler=config, generator=generator, input_frames=frames, context_length=context_length,
+            context_overlap=context_overlap, conditioning_options=conditioning_options, **fields)
 
-        use_cfg = cfg_scale != 1.0
-        prompts = [negative_prompt, prompt] if use_cfg else [prompt]
-        cond = self.encode_prompts(prompts, clip_skip=clip_skip, height=height, width=width, **extra)
-        shape = (1, 4, num_frames, height // 8, width // 8)
-        if latents is None:  # drawn on the generator's device (the CPU by default): one seed, one video everywhere
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32,
-                                  device=generator.device if generator is not None else "cpu")
-        # the sampler sees (1, 4, f, h, w) like diffusers, so its extra noise draws (eta, ancestral, LCM) match
-        x = latents.to(self.device, torch.float32)
+    def run(self, request: VideoRequest):
+        """The five stages of one checked request: conditioning, initial state, denoiser, sampler loop, decode."""
+        r = request
+        cond = self.condition(r)
+        noise, init = initial_state(self, r)
+        eps = self.make_denoiser(r, cond)
+        x0 = self.sample(r, eps, noise, init)
+        if r.output_type == "latent":
+            return x0
+        return self.decode(x0[0].transpose(0, 1), output_type=r.output_type, batch_size=r.vae_batch_size,
+                           tiled=r.tiled, progress_bar=r.progress_bar)
 
-        eps = self.make_denoiser(cond, cfg_scale, num_frames, window, context_overlap, closed_loop, motion_scale)
-        bar = tqdm(total=steps, desc="denoising", disable=not progress_bar)
+    # ------------------------------------------------------------------------------------------------ stages
+    def condition(self, r: VideoRequest) -> Conditioning:
+        prompts = [r.negative_prompt, r.prompt] if r.use_cfg else [r.prompt]
+        return self.encode_prompts(prompts, clip_skip=r.clip_skip, height=r.height, width=r.width,
+                                   **r.conditioning_options)
+
+    def control_providers(self, r: VideoRequest, cond: Conditioning) -> list:
+        """Control residual providers of this call (see denoiser.ControlProvider); none without control inputs."""
+        return []
+
+    def make_denoiser(self, r: VideoRequest, cond: Conditioning) -> WindowedDenoiser:
+        return WindowedDenoiser(self, cond, cfg_scale=r.cfg_scale, num_frames=r.num_frames,
+                                context_length=r.context_length, context_overlap=r.context_overlap,
+                                closed_loop=r.closed_loop, motion_scale=r.motion_scale,
+                                controls=self.control_providers(r, cond), start_step=r.start_step)
+
+    def sample(self, r: VideoRequest, eps, noise: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
+        """The sampler loop from the request's start step, with the progress bar and the user's step callback."""
+        plan = sampling.sampling_plan(r.sampler, r.steps)
+        bar = tqdm(total=r.steps - r.start_step, desc="denoising", disable=not r.progress_bar)
+
+        def after_step(i: int, x: torch.Tensor):
+            bar.update(1)
+            if r.callback_on_step_end is None:
+                return None
+            # diffusers' convention: callback(pipe, step, timestep, {"latents": ...}) -> dict, with the latents as
+            # its scheduler holds them (sigma space for the Euler samplers)
+            scale = sampling.diffusers_state_scale(r.sampler, plan.sigmas_next[i].item())
+            result = r.callback_on_step_end(self, i, plan.timesteps[i].item(), {"latents": x * scale})
+            latents = result.get("latents") if isinstance(result, dict) else None
+            return None if latents is None else latents.to(x.device, torch.float32) / scale
+
         try:
-            x0 = sampling.sample(config, eps, x, steps, generator=generator, callback=lambda i, n: bar.update(1))
+            return sampling.sample(r.sampler, eps, noise, r.steps, init=init, start=r.start_step,
+                                   generator=r.generator, callback=after_step)
         finally:
             bar.close()
-        if output_type == "latent":
-            return x0
-        return self.decode(x0[0].transpose(0, 1), output_type=output_type, batch_size=vae_batch_size, tiled=tiled,
-                           progress_bar=progress_bar)
 
     # ------------------------------------------------------------------------------------------- sampling
     def default_sampling(self) -> dict:
         if self.motion_modules is None:
             return dict(FALLBACK_SAMPLING)
         return {**FALLBACK_SAMPLING, **self.motion_modules.config.sampling_defaults()}
-
-    @staticmethod
-    def sampler_config(defaults: dict, sampler: str | None, options: dict) -> sampling.SamplerConfig:
-        fields = set(sampling.SamplerConfig.__dataclass_fields__)
-        config = sampling.SamplerConfig(**{k: v for k, v in defaults.items() if k in fields})
-        chosen = {k: options.pop(k) for k in list(options) if k in fields}
-        if sampler is not None:
-            chosen["sampler"] = sampler
-        return replace(config, **chosen)
-
-    def make_denoiser(self, cond: Conditioning, cfg_scale: float, num_frames: int, window: int, overlap: int,
-                      closed_loop: bool, motion_scale: float):
-        """eps(x_t, t) over the whole video: every context window runs once, conditional and unconditional in one
-        batch; overlapping windows cross-fade by their blending weights."""
-        windows = context_windows(num_frames, window, overlap, closed_loop)
-        # all windows have one length; a lone window weighs every frame 1
-        weights = window_weights(len(windows[0]), overlap if len(windows) > 1 else 0).to(self.device)
-        n_cond = cond.context.shape[0]
-        motion = self.motion_modules
-        if motion is not None:
-            motion.scale = motion_scale
-        pool_norms = motion is not None and motion.config.pool_resnet_norms
-
-        # conditioning repeated once per frame, built once for every window length in use
-        per_frame = {n: (cond.context.repeat_interleave(n, dim=0),
-                         None if cond.y is None else cond.y.repeat_interleave(n, dim=0))
-                     for n in {len(frames) for frames in windows}}
-
-        def eps(video: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x = video[0].transpose(0, 1)  # (f, 4, h, w): frames folded into the batch
-            total = torch.zeros_like(x)
-            weight_sum = torch.zeros(num_frames, device=x.device, dtype=x.dtype)
-            for frames in windows:
-                length = len(frames)
-                xw = x[frames].to(self.dtype)
-                batch = xw.repeat(n_cond, 1, 1, 1)  # (n_cond * length, c, h, w): clip 0 = uncond, clip 1 = cond
-                context, y = per_frame[length]
-                timesteps = t.to(self.device, torch.float32).reshape(-1)[:1].expand(batch.shape[0])
-                out = self.unet(batch, timesteps, context, y, num_frames=length, motion=motion,
-                                pool_resnet_norms=pool_norms).float()
-                if n_cond == 2:
-                    uncond, text = out.chunk(2)
-                    out = uncond + cfg_scale * (text - uncond)
-                total[frames] += out * weights[:, None, None, None]
-                weight_sum[frames] += weights
-            return (total / weight_sum[:, None, None, None]).transpose(0, 1).unsqueeze(0)
-
-        return eps
 
     # ------------------------------------------------------------------------------------------- decoding
     def decode(self, x0: torch.Tensor, *, output_type: str, batch_size: int | None, tiled: bool | None,
@@ -175,7 +232,7 @@ class VideoPipeline:
         pixels = latents.shape[-2] * latents.shape[-1]
         # whole frames up to SDXL's native 1024 px, as the original pipelines decode; tiles only beyond that
         tiled = pixels > 128 * 128 if tiled is None else tiled
-        batch_size = batch_size or max(1, 64 * 64 * 8 // pixels)  # ~8 frames of 512 px per decoder call
+        batch_size = batch_size or frames_per_call(pixels, latents.shape[0])
         frames = []
         for start in tqdm(range(0, latents.shape[0], batch_size), desc="decoding", disable=not progress_bar):
             frames.append(self.vae.decode(latents[start:start + batch_size], tile=tiled).float().cpu())
@@ -187,43 +244,6 @@ class VideoPipeline:
         return frames_to_pil(images)
 
     # --------------------------------------------------------------------------------------------- checks
-    def check(self, *, height, width, num_frames, cfg_scale, steps, config, clip_skip, latents, output_type,
-              context_length, context_overlap, allow_static) -> int:
-        """Refuse arguments that cannot work, before any compute. Returns the context-window length."""
-        if height % 8 or width % 8 or height < 8 or width < 8:
-            raise ConfigError(f"height and width must be positive multiples of 8, got {height}x{width}; "
-                              f"try {max(8, height // 8 * 8)}x{max(8, width // 8 * 8)}")
-        if num_frames < 1:
-            raise ConfigError(f"num_frames must be at least 1, got {num_frames}")
-        if cfg_scale < 0:
-            raise ConfigError(f"cfg_scale must be >= 0 (1 disables classifier-free guidance), got {cfg_scale}")
-        if clip_skip < 1:
-            raise ConfigError(f"clip_skip counts layers from the end and starts at 1 (the last layer), got {clip_skip}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ConfigError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        sampling.validate(config, steps)
-        motion = self.motion_modules
-        if motion is None:
-            if not allow_static:
-                raise ConfigError("no motion module is loaded, so frames would not move together; load an AnimateDiff "
-                                  "motion module into the ModelManager, or pass allow_static=True for independent frames")
-            native = 16
-        else:
-            self.check_motion_fits(motion)
-            native = motion.config.pe_length
-        length = context_length if context_length is not None else min(16, native)
-        if length < 1 or length > native:
-            raise ConfigError(f"context_length must be between 1 and the motion module's native length {native}, "
-                              f"got {length}")
-        if num_frames > length and not 0 <= context_overlap < length:
-            raise ConfigError(f"context_overlap must be in [0, context_length={length}), got {context_overlap}")
-        if latents is not None:
-            expected = (1, 4, num_frames, height // 8, width // 8)
-            if tuple(latents.shape) != expected:
-                raise ConfigError(f"latents must have shape (1, 4, num_frames, height/8, width/8) = {expected}, "
-                                  f"got {tuple(latents.shape)}")
-        return length
-
     def check_motion_fits(self, motion) -> None:
         unet_sites = self.unet.motion_sites()
         wrong = {name: (ch, unet_sites.get(name)) for name, ch in motion.sites().items() if unet_sites.get(name) != ch}

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ..models.text import encode_chunks
 from ..tokenizer import CLIPTokenizer
-from .core import Conditioning, VideoPipeline
+from .conditioning import Conditioning
+from .core import VideoPipeline
 
 
 class SDVideoPipeline(VideoPipeline):
@@ -15,5 +16,6 @@ class SDVideoPipeline(VideoPipeline):
 
     def encode_prompts(self, prompts: list[str], *, clip_skip: int, height: int, width: int) -> Conditioning:
         ids = self.tokenizers[0].chunks(prompts).to(self.device)
-        hidden, _ = encode_chunks(self.text_encoders[0], ids, hidden_layer=-clip_skip, final_norm=True)
+        hidden, _ = encode_chunks(self.text_encoders[0], ids, hidden_layer=-clip_skip, final_norm=True,
+                                  extra_embeddings=self.tokenizers[0].extra_embeddings)
         return Conditioning(context=hidden.to(self.dtype))

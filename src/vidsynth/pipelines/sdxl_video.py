@@ -6,11 +6,13 @@ import torch
 from ..models.layers import timestep_embedding
 from ..models.text import encode_chunks
 from ..tokenizer import CLIPTokenizer
-from .core import Conditioning, VideoPipeline
+from .conditioning import Conditioning
+from .core import VideoPipeline
 
 
 class SDXLVideoPipeline(VideoPipeline):
     family = "sdxl"
+    default_size = 1024
     conditioning_options = ("original_size", "crops_coords_top_left", "target_size")
 
     @classmethod
@@ -29,7 +31,8 @@ class SDXLVideoPipeline(VideoPipeline):
         hiddens, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
             ids = tokenizer.chunks(prompts).to(self.device)
-            hidden, pooled = encode_chunks(encoder, ids, hidden_layer=-(clip_skip + 1), final_norm=False)
+            hidden, pooled = encode_chunks(encoder, ids, hidden_layer=-(clip_skip + 1), final_norm=False,
+                                           extra_embeddings=tokenizer.extra_embeddings)
             hiddens.append(hidden)
         original_size = original_size or (height, width)
         target_size = target_size or (height, width)
