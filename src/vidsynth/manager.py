@@ -90,6 +90,7 @@ class ModelManager:
         self.family: str | None = None
         self.loras: list = []
         self.controlnets: dict[Path, nn.Module] = {}  # by resolved file path: several can be loaded at once
+        self.textual_inversions: list[Path] = []
         self.load_models(list(file_path_list))
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -169,6 +170,16 @@ class ModelManager:
         if info.kind != "motion_module" and base_family and info.family and info.family != base_family:
             raise ConfigError(f"{info.path}: a {info.family} model does not fit the {base_family} motion module "
                               "already loaded")
+
+    def load_textual_inversions(self, paths) -> list[Path]:
+        """Embedding files (or folders of them) that every pipeline made from this manager loads, each as the word
+        of its file name (DiffSynth's call; see vidsynth.textual_inversion). Each file is read once here to check it."""
+        from .textual_inversion import embedding_files, read_embedding
+        files = embedding_files(paths)
+        for file in files:
+            read_embedding(file)
+        self.textual_inversions += [f for f in files if f not in self.textual_inversions]
+        return files
 
     def load_lora(self, path: str | Path | Checkpoint, lora_alpha: float = 1.0, *, merge: bool = False):
         """Attach a LoRA / MotionLoRA / domain adapter to the loaded models; the handle is also kept in ``self.loras``.

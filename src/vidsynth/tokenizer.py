@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from .errors import ConfigError
@@ -57,6 +57,28 @@ class CLIPTokenizer:
         self._tokenizer = tok
         self.pad_id = pad_id
         self.max_length = max_length
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=False)
+        self.extra_embeddings: torch.Tensor | None = None  # (n, width): vectors of ids vocab_size, vocab_size + 1, ...
+        self._expansions: dict[int, list[int]] = {}  # added word's id -> the ids of its vectors
+
+    def add_embedding(self, name: str, vectors: torch.Tensor) -> list[int]:
+        """Let ``name`` (a whole word in prompts, any case) stand for the (n, width) ``vectors`` (textual inversion);
+        returns the ids it expands to. Adding a name again replaces it."""
+        word = name.lower()
+        self._tokenizer.add_tokens([AddedToken(word, single_word=True, normalized=True)])
+        start = 0 if self.extra_embeddings is None else self.extra_embeddings.shape[0]
+        if self.extra_embeddings is not None and self.extra_embeddings.shape[1] != vectors.shape[1]:
+            raise ConfigError(f"embedding {name!r} has width {vectors.shape[1]}, the ones loaded before "
+                              f"{self.extra_embeddings.shape[1]}; they are for different text encoders")
+        ids = list(range(self.vocab_size + start, self.vocab_size + start + vectors.shape[0]))
+        self.extra_embeddings = vectors if self.extra_embeddings is None else torch.cat([self.extra_embeddings, vectors])
+        self._expansions[self._tokenizer.token_to_id(word)] = ids
+        return ids
+
+    def _expand(self, ids: list[int]) -> list[int]:
+        if not self._expansions:
+            return ids
+        return [j for i in ids for j in self._expansions.get(i, [i])]
 
     @property
     def chunk_tokens(self) -> int:
@@ -65,7 +87,7 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` without bos/eos, never truncated."""
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        return self._expand(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
     def chunks(self, texts: Sequence[str], min_chunks: int = 1) -> torch.LongTensor:
         """``(len(texts), k, max_length)`` ids: each text cut into ``chunk_tokens``-long pieces, each wrapped in
@@ -73,7 +95,7 @@ class CLIPTokenizer:
         texts get empty chunks (bos, eos, pad...), so prompts and negative prompts batch together."""
         if isinstance(texts, str):
             raise ConfigError("chunks() takes a list of prompts; wrap a single prompt as [prompt]")
-        encoded = [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        encoded = [self._expand(e.ids) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
         step = self.chunk_tokens
         k = max([min_chunks, 1] + [math.ceil(len(ids) / step) for ids in encoded])
         out = torch.full((len(encoded), k, self.max_length), self.pad_id, dtype=torch.long)

@@ -19,6 +19,8 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from .layers import attention
 
+EOS_ID = 49407  # CLIP's end-of-text token; pooled outputs are read at its first occurrence
+
 HF_LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.")
 OPEN_CLIP_LAYER = re.compile(r"transformer\.resblocks\.(\d+)\.")
 
@@ -99,7 +101,7 @@ class _TextEncoder(nn.Module):
 
     config: TextEncoderConfig
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     @property
@@ -113,11 +115,24 @@ class _TextEncoder(nn.Module):
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         return pooled
 
-    def forward(self, input_ids: torch.Tensor, *, hidden_layer: int = -1,
-                final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_vectors(self, table: nn.Embedding, input_ids: torch.Tensor,
+                      extra: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings; ids past the vocabulary index ``extra`` (textual-inversion vectors, row 0 = the first id
+        after the vocabulary)."""
+        vocab = table.num_embeddings
+        if extra is None or not bool((input_ids >= vocab).any()):
+            return table(input_ids)
+        out = table(input_ids.clamp(max=vocab - 1))
+        added = input_ids >= vocab
+        out[added] = extra.to(out.device, out.dtype)[input_ids[added] - vocab]
+        return out
+
+    def forward(self, input_ids: torch.Tensor, *, hidden_layer: int = -1, final_norm: bool = True,
+                extra_embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hidden, pooled)``: ``hidden`` is the output of transformer layer ``hidden_layer`` (-1 last, -2
         penultimate...), after the final LayerNorm when ``final_norm``; ``pooled`` is the final-normed last layer at
-        the eos token (the largest id), projected where the model has a projection."""
+        the first eos token, projected where the model has a projection. ``extra_embeddings`` (n, width) are the
+        vectors of ids from the vocabulary size on (textual inversion)."""
         layers, n = self.config.layers, input_ids.shape[-1]
         if not -layers <= hidden_layer < layers:
             raise ConfigError(f"hidden_layer={hidden_layer} but the text encoder has {layers} layers; "
@@ -126,7 +141,7 @@ class _TextEncoder(nn.Module):
             raise ConfigError(f"{n} tokens exceed the text encoder's {self.config.max_positions} positions; "
                               "split the prompt into chunks (CLIPTokenizer.chunks)")
         keep = hidden_layer % layers
-        x = self.embed(input_ids)
+        x = self.embed(input_ids, extra_embeddings)
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i == keep:
@@ -134,7 +149,7 @@ class _TextEncoder(nn.Module):
         last = self.final_norm(x)
         if final_norm:
             hidden = last if keep == layers - 1 else self.final_norm(hidden)
-        eos = input_ids.argmax(dim=-1)  # first occurrence of the largest id: the eos, also when eos pads
+        eos = (input_ids == EOS_ID).int().argmax(dim=-1)  # the first eos, also when eos pads
         pooled = last[torch.arange(last.shape[0], device=last.device), eos]
         return hidden, self.project(pooled)
 
@@ -190,9 +205,6 @@ class CLIPEmbeddings(nn.Module):
         # floats (76.99...) that would shift positions.
         self.register_buffer("position_ids", torch.arange(config.max_positions).unsqueeze(0), persistent=True)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:input_ids.shape[-1]]
-
 
 class CLIPEncoder(nn.Module):
     def __init__(self, config: TextEncoderConfig, causal: bool = True):
@@ -218,8 +230,10 @@ class CLIPTextModel(_TextEncoder):
         if config.projection_dim:
             self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model.embeddings(input_ids)
+    def embed(self, input_ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        embeddings = self.text_model.embeddings
+        return (self.token_vectors(embeddings.token_embedding, input_ids, extra)
+                + embeddings.position_embedding.weight[:input_ids.shape[-1]])
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -286,8 +300,8 @@ class OpenCLIPTextModel(_TextEncoder):
             self.text_projection = nn.Parameter(torch.randn(config.width, config.projection_dim) * config.width**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(0.0))  # contrastive temperature: in the file, unused here
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(input_ids) + self.positional_embedding[:input_ids.shape[-1]]
+    def embed(self, input_ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        return self.token_vectors(self.token_embedding, input_ids, extra) + self.positional_embedding[:input_ids.shape[-1]]
 
     @property
     def blocks(self) -> nn.ModuleList:
