@@ -399,3 +399,85 @@ def test_latents_are_drawn_from_the_vae_posterior(data, tmp_path, sampling):
         assert abs(z.mean().item()) < 0.1 and 0.9 < z.std().item() < 1.1, (z.mean(), z.std())
         again = trainer._inputs(collate([trainer.dataset[(0, 124)]]), 0.0)  # another draw: another sample
         assert not torch.allclose(again[0], noisy)
+
+
+# ------------------------------------------------------------------------------------------------ memory features
+
+def test_gradient_checkpointing_recomputes_unet_blocks_and_motion_modules(data, tmp_path, monkeypatch):
+    """With the flag, every UNet block and motion module runs its forward a second time in the backward pass
+    (that is what frees its activations); without it, once. (Counted on the forward methods: torch's checkpoint
+    recomputes without firing module hooks.)"""
+    from vidsynth.models.motion import MotionModule
+    from vidsynth.models.unet import UNetBlock
+
+    counts = {UNetBlock: 0, MotionModule: 0}
+    for cls in counts:
+        def counted(self, *args, _forward=cls.forward, _cls=cls, **kwargs):
+            counts[_cls] += 1
+            return _forward(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "forward", counted)
+
+    def forward_counts(checkpointing: bool) -> tuple[int, int]:
+        trainer = Trainer("motion-lora", config(data, tmp_path / str(checkpointing), max_steps=1, batch_size=1,
+                                                gradient_checkpointing=checkpointing), tiny_models("random"))
+        before = dict(counts)
+        trainer.run()
+        return counts[UNetBlock] - before[UNetBlock], counts[MotionModule] - before[MotionModule]
+
+    blocks, motions = forward_counts(False)
+    assert (blocks, motions) == (9, 7)  # 4 input blocks, the middle one, 4 output blocks; 2 + 1 + 4 motion sites
+    # every block again except conv_in (no gradient flows through it, so nothing asks for its activations);
+    # motion modules at least once more (their own checkpoint, and the enclosing block's recomputation): measured
+    # (17, 16)
+    recomputed = forward_counts(True)
+    print(f"forward calls per step without / with checkpointing: {(blocks, motions)} / {recomputed}")
+    assert recomputed[0] == 2 * blocks - 1 and recomputed[1] >= 2 * motions
+
+
+def test_cached_text_embeddings_give_the_same_losses_without_the_encoder(data, tmp_path):
+    """cache_text_embeddings: every caption is encoded once before training (with caption dropout and a batch of
+    captions of different chunk counts, the padded cache equals encoding them together: losses equal to 1e-6)."""
+    long_caption = "a bright square moving right " * 20  # 2 chunks of 77 tokens next to 1-chunk captions
+    captions = data["train"] / "captions_long.csv"
+    rows = (data["train"] / "captions.csv").read_text().splitlines()
+    captions.write_text("\n".join(rows[:2] + [rows[2].split(",")[0] + "," + long_caption] + rows[3:]) + "\n")
+
+    def run(cache: bool) -> tuple[list[float], int]:
+        models = tiny_models("random")
+        out = tmp_path / str(cache)
+        trainer = Trainer("motion-lora", config(data, out, captions=str(captions), max_steps=3, caption_dropout=0.5,
+                                                batch_size=3, cache_text_embeddings=cache), models)
+        calls = []
+        trainer.run(on_step=lambda step, loss: calls.append(0))
+        calls_at_start = []
+        models.text_encoder.register_forward_hook(lambda *_: calls_at_start.append(0))
+        trainer.loss(collate([trainer.dataset[(i, i)] for i in range(3)]))
+        with (out / "loss.csv").open() as handle:
+            return [float(row["loss"]) for row in csv.DictReader(handle)], len(calls_at_start)
+
+    plain, encoder_calls = run(False)
+    cached, cached_calls = run(True)
+    assert encoder_calls == 1 and cached_calls == 0
+    np.testing.assert_allclose(cached, plain, rtol=1e-6)
+
+
+def test_8bit_adam_is_optional_and_used_when_installed(data, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(ConfigError, match="pip install bitsandbytes"):
+        Trainer("motion-lora", config(data, tmp_path, use_8bit_adam=True), tiny_models("random"))
+
+    class AdamW8bit(torch.optim.AdamW):  # stands in for bitsandbytes' optimizer: same constructor
+        made = []
+
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            AdamW8bit.made.append(kwargs)
+
+    fake = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=AdamW8bit))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    trainer = Trainer("motion-lora", config(data, tmp_path, use_8bit_adam=True, adam_epsilon=1e-6),
+                      tiny_models("random"))
+    assert isinstance(trainer.optimizer.optimizer, AdamW8bit) and AdamW8bit.made[0]["eps"] == 1e-6
