@@ -1,6 +1,6 @@
 """Training on several processes (accelerate over torch.distributed, gloo on the CPU) against one process.
 
-Launched as users launch it: ``accelerate launch --multi_gpu --num_processes 2 -m vidsynth.cli train ...`` with
+Launched as users launch it: ``accelerate launch --multi_gpu --num_processes 2 -m vidsynth train ...`` with
 ``device: cpu`` (accelerate then runs MULTI_CPU on gloo; its ``--cpu`` flag alone starts a single process unless an
 MPI hostfile is given). Kept tiny: a few optimizer steps on 128x128 clips of 4 frames. (At 64x64 the deepest level
 of SD 1.5's structure is 1x1, GroupNorm groups hold two values, and the gradients are so ill-conditioned that the
@@ -74,7 +74,7 @@ def test_two_processes_train_what_one_does_and_one_process_resumes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "vidsynth.cli", "train", "motion-lora", "--config", str(config)]
+              "-m", "vidsynth", "train", "motion-lora", "--config", str(config)]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "global batch 4 = batch_size 1 x 2 process(es) x 2 accumulation step(s)" in done.stdout
