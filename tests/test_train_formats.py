@@ -114,7 +114,7 @@ def test_original_training_yaml_with_a_webvid_csv_trains_and_says_what_it_honour
                 "motion_module_kwargs.zero_initialize", "noise_scheduler_kwargs.beta_schedule -> beta_schedule"):
         assert key in honoured, key
     for key in ("pretrained_model_path", "noise_scheduler_kwargs.steps_offset", "validation_steps_tuple",
-                "enable_xformers_memory_efficient_attention"):
+                "enable_xformers_memory_efficient_attention", "RandomHorizontalFlip"):
         assert key in not_honoured, key
 
     assert cli_main(["train", "motion-module", "--config", str(path)]) == 0

@@ -107,3 +107,35 @@ def test_sdxl_domain_adapter(data, tmp_path):
     reloaded = probe(models, None, frames=1)
     assert not torch.allclose(reloaded, untrained, atol=1e-4 * untrained.abs().max().item())
     torch.testing.assert_close(reloaded, trained, atol=1e-5 * trained.abs().max().item(), rtol=0)
+
+
+def test_an_sdxl_single_file_loads_for_training(data, tmp_path):
+    """``base:`` an SDXL single file (tiny, in the file's own key layout): both text encoders come with it and a
+    new motion module takes the beta layout."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+    from tiny_models import BIG_G, CLIP_L, OPEN_CLIP_PREFIX, SDXL_UNET, UNET_PREFIX, VAE_PREFIX
+    from tiny_models import tiny_text_encoder, tiny_unet
+    from vidsynth.models.vae import AutoencoderKL, VAEConfig
+
+    # what a file can say: 64-channel attention heads in the text encoders, 32 norm groups in the VAE
+    encoders = [tiny_text_encoder(replace(CLIP_L, width=64, heads=1)), tiny_text_encoder(replace(BIG_G, width=128,
+                                                                                                   heads=2))]
+    unet = tiny_unet(replace(SDXL_UNET, context_dim=64 + 128))
+    vae = AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1))
+    state = {}
+    for prefix, module in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), ("conditioner.embedders.0.transformer.", encoders[0]),
+                           (OPEN_CLIP_PREFIX, encoders[1])):
+        state.update({prefix + k: v.contiguous() for k, v in module.state_dict().items()})
+    base = tmp_path / "tiny_sdxl.safetensors"
+    save_file(state, str(base))
+
+    settings = config(data, tmp_path / "out", base=str(base), max_steps=1, batch_size=1)
+    models = TrainModels.load(settings)
+    assert models.family == "sdxl" and models.text_encoder_2 is not None
+    assert models.tokenizer_2.pad_id == 0
+    trainer = Trainer("motion-module", settings, models)
+    assert trainer.setup.motion.config.version == "sdxl_beta"
+    trainer.run()
+    assert identify(Checkpoint(tmp_path / "out" / "motion_module.ckpt")).family == "sdxl"

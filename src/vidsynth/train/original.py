@@ -46,6 +46,12 @@ IGNORED = {"name": "run name (outputs go to output_dir itself, no timestamped su
            "ema_decay": "unused by the original train.py as well"}
 
 
+# what the original train.py / WebVid10M do without a key for it
+BUILT_IN = ["(WebVid10M) RandomHorizontalFlip: clips are not flipped here (a flip reverses the pans a MotionLoRA "
+            "learns)",
+            "(train.py) captions over 77 tokens: encoded in 77-token chunks here, truncated there"]
+
+
 def is_original(values: Any) -> bool:
     return isinstance(values, dict) and any(key in values for key in MARKERS)
 
@@ -124,6 +130,7 @@ def translate(values: dict[str, Any], known: set[str]) -> Translation:
         else:
             out.refuse(key, "not a setting of the original train.py that vidsynth knows")
     out.values.update({key: value for key, value in values.items() if key in known and key not in SAME})
+    out.not_honoured += BUILT_IN
     return out
 
 
