@@ -26,6 +26,7 @@ def webvid_folder(root):
     save_video(moving_square(0, (9, 9, 9)), videos / "1004.mp4", fps=8)
     rows.append(["1004", "https://example.invalid/1004.mp4", "PT00H00M10S", "001_050", ""])  # empty caption
     rows.append(["9999", "https://example.invalid/9999.mp4", "PT00H00M10S", "001_050", "never downloaded"])
+    rows.append(["", "https://example.invalid/", "PT00H00M10S", "001_050", "no video id"])  # line 7
     csv_path = root / "results_2M_val.csv"
     with csv_path.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)
@@ -121,7 +122,8 @@ def test_original_training_yaml_with_a_webvid_csv_trains_and_says_what_it_honour
     assert torch.load(out / "motion_module.ckpt", weights_only=True)
     bad = (out / "bad_data.txt").read_text().splitlines()
     assert sorted(bad) == sorted([f"{(videos / '1004.mp4').resolve()}: missing caption (empty caption field)",
-                                  f"{(videos / '9999').resolve()}: listed in the caption file but does not exist"])
+                                  f"{(videos / '9999').resolve()}: listed in the caption file but does not exist",
+                                  f"{csv_path}: line 7: empty path (caption 'no video id')"])
 
 
 def test_original_keys_that_cannot_be_honoured_are_named(tmp_path, capsys):

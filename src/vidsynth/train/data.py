@@ -104,11 +104,16 @@ def scan(root: str | Path, captions: str | Path | None, frames: int) -> tuple[li
             raise ConfigError(f"no caption file given and none in {root} (captions.csv or captions.jsonl); "
                               f"set `captions:` to a CSV or JSONL file with path,caption")
         captions = found[0]
-    rows = read_captions(Path(captions))
+    captions = Path(captions)
+    rows = read_captions(captions)
     listed: dict[Path, str | None] = {}
-    for name, caption in rows:
-        listed[_resolve(root, name).resolve()] = caption
     bad: list[BadData] = []
+    first_row = 1 if captions.suffix.lower() in (".jsonl", ".json") else 2  # a CSV's line 1 is its header
+    for n, (name, caption) in enumerate(rows, first_row):
+        if not name.strip():
+            bad.append(BadData(captions, f"line {n}: empty path (caption {caption!r})"))
+            continue
+        listed[_resolve(root, name).resolve()] = caption
     for path in sorted(p.resolve() for p in root.iterdir() if _is_video(p)):
         if path not in listed:
             bad.append(BadData(path, "no caption: the file is not listed in the caption file"))
