@@ -34,19 +34,22 @@ class TextConditioner:
 
     @torch.no_grad()
     def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # ids go where the encoder is: with the cache it may have left the accelerator (held-out captions)
+        def encode(tokenizer, encoder, **kwargs):
+            ids = tokenizer.chunks(captions).to(next(encoder.parameters()).device)
+            return [t.to(self.device) for t in encode_chunks(encoder, ids, **kwargs)]
+
         if not self.sdxl:
-            ids = self.tokenizers[0].chunks(captions).to(self.device)
-            return encode_chunks(self.encoders[0], ids)[0], None
+            return encode(self.tokenizers[0], self.encoders[0])[0], None
         hiddens, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.encoders):
-            ids = tokenizer.chunks(captions).to(self.device)
-            hidden, pooled = encode_chunks(encoder, ids, hidden_layer=-2, final_norm=False)
+            hidden, pooled = encode(tokenizer, encoder, hidden_layer=-2, final_norm=False)
             hiddens.append(hidden)
         h, w = self.size
         ids = torch.tensor([h, w, 0, 0, h, w], device=self.device)
         per_id = (self.adm_channels - pooled.shape[-1]) // 6
         time_ids = timestep_embedding(ids, per_id).reshape(1, -1).expand(len(captions), -1)
-        return torch.cat(hiddens, dim=-1), torch.cat([pooled.float(), time_ids.to(pooled.device)], dim=-1)
+        return torch.cat(hiddens, dim=-1), torch.cat([pooled.float(), time_ids], dim=-1)
 
     def prefill(self, captions: Iterable[str]) -> int:
         """Encode the captions not cached yet (and the empty one, for caption dropout and padding)."""
