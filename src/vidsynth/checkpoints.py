@@ -34,7 +34,8 @@ class Checkpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: no such file")
+            raise CheckpointError(f"{self.path}: no such file; check the path (`vidsynth download --list` lists the "
+                                  "models it can download)")
         if self.path.stat().st_size == 0:
             raise CheckpointError(f"{self.path}: the file is empty (an interrupted download?); download it again")
         self._header: dict[str, dict] | None = None

@@ -80,6 +80,9 @@ class ModelManager:
 
     def __init__(self, torch_dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
                  file_path_list: Iterable[str | Path] = ()):
+        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+            raise ConfigError(f"torch_dtype must be a floating-point torch dtype such as torch.float16, torch.bfloat16 "
+                              f"or torch.float32, got {torch_dtype!r}")
         self.torch_dtype = torch_dtype
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
