@@ -8,7 +8,6 @@ Measured max abs error over every intermediate VP-scaled latent (|x| up to ~4): 
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -260,15 +259,16 @@ def test_float64_noise_samples_in_float64():
     assert (result.float() - result32).abs().max() < 1e-5
 
 
-def test_noise_schedule():
-    linear = NoiseSchedule.from_betas("linear")
-    expected = diffusers.DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
-    assert torch.equal(linear.alphas_cumprod, expected)
-    sdxl = NoiseSchedule.from_betas("scaled_linear", 0.00085, 0.020)
-    assert sdxl.num_train_timesteps == 1000
-    assert math.isclose(sdxl.sigmas[-1].item(), ((1 - sdxl.alphas_cumprod[-1]) / sdxl.alphas_cumprod[-1]).sqrt().item())
-    sd = NoiseSchedule.from_betas("scaled_linear")
-    assert sdxl.sigmas[-1] > linear.sigmas[-1] > sd.sigmas[-1]  # linear betas are larger mid-way than scaled_linear
+@pytest.mark.parametrize("schedule,beta_end", [("linear", 0.012), ("scaled_linear", 0.012), ("scaled_linear", 0.020)],
+                         ids=["animatediff-linear", "sd-scaled_linear", "sdxl-beta-0.020"])
+def test_noise_schedule_equals_diffusers(schedule: str, beta_end: float):
+    """alphas_cumprod and the per-timestep sigmas against diffusers' Euler scheduler's own training table
+    (``sigmas`` before ``set_timesteps``: t = 999 .. 0, then a final 0)."""
+    ours = NoiseSchedule.from_betas(schedule, 0.00085, beta_end)
+    theirs = diffusers.EulerDiscreteScheduler(beta_schedule=schedule, beta_start=0.00085, beta_end=beta_end)
+    assert ours.num_train_timesteps == len(theirs.alphas_cumprod) == 1000
+    torch.testing.assert_close(ours.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.sigmas.float(), theirs.sigmas[:-1].flip(0), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("change,steps,words", [
