@@ -8,7 +8,6 @@ Measured max abs error over every intermediate VP-scaled latent (|x| up to ~4): 
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
