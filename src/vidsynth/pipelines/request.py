@@ -113,6 +113,9 @@ def check(request: VideoRequest, motion_modules, allow_static: bool) -> None:
                               f"{r.latent_shape}, got {tuple(getattr(r.latents, 'shape', ())) or type(r.latents)}")
         if not r.latents.is_floating_point():
             raise ConfigError(f"latents must be floating point, got {r.latents.dtype}")
+        if r.latents.device.type == "meta" or not torch.isfinite(r.latents).all():
+            raise ConfigError(f"latents must hold finite values on a real device (the CPU or the pipeline's), got a "
+                              f"{r.latents.device.type} tensor{'' if r.latents.device.type == 'meta' else ' with NaN/inf'}")
     if not (isinstance(r.denoising_strength, (int, float)) and 0 < r.denoising_strength <= 1):
         raise ConfigError(f"denoising_strength (strength) must be in (0, 1]: 1 starts from pure noise, smaller keeps "
                           f"more of input_frames; got {r.denoising_strength!r}")
