@@ -468,13 +468,13 @@ def worker(fuzz_seed: int, start: int, stop: int, workdir: Path) -> None:
                           "rss_mib": grown >> 20}), flush=True)
 
 
-def fuzz(cases: int, fuzz_seed: int = 0, *, log=None) -> list[dict]:
-    """All cases' results; worker processes are restarted past a case that crashed one."""
+def fuzz(cases: int, fuzz_seed: int = 0, *, log=None, first: int = 0) -> list[dict]:
+    """The results of cases [first, cases); worker processes are restarted past a case that crashed one."""
     results: list[dict] = []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE),
                                                         os.environ.get("PYTHONPATH", "")]))
     with tempfile.TemporaryDirectory(prefix="vidsynth-fuzz-") as workdir:
-        start = 0
+        start = first
         while start < cases:
             cmd = [sys.executable, str(Path(__file__)), "--worker", "--seed", str(fuzz_seed), "--start", str(start),
                    "--stop", str(cases), "--workdir", workdir]
@@ -489,11 +489,13 @@ def fuzz(cases: int, fuzz_seed: int = 0, *, log=None) -> list[dict]:
             stderr = proc.stderr.read()
             proc.wait()
             if start < cases:  # the worker died on case `start`
-                if proc.returncode and start == 0 and not results:
+                if proc.returncode and start == first and not results:
                     raise RuntimeError(f"fuzz worker failed to start:\n{stderr[-3000:]}")
                 results.append({"case": start, "family": "?", "seed": "?", "file": "?", "outcome": "escape",
                                 "detail": f"the process died (exit {proc.returncode}): {stderr[-500:]}",
                                 "seconds": 0, "rss_mib": 0})
+                if log:
+                    log(results[-1])
                 start += 1
     return results
 
@@ -516,6 +518,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--first", type=int, default=0, help="resume a run at this case")
+    parser.add_argument("--log", type=Path, help="append every case's result to this JSON-lines file as it comes")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--stop", type=int, default=0, help=argparse.SUPPRESS)
@@ -525,7 +529,11 @@ def main(argv=None) -> int:
         worker(args.seed, args.start, args.stop, args.workdir)
         return 0
     began = time.monotonic()
-    results = fuzz(args.cases, args.seed)
+    log = None
+    if args.log:
+        sink = open(args.log, "a")
+        log = lambda result: print(json.dumps(result), file=sink, flush=True)  # noqa: E731
+    results = fuzz(args.cases, args.seed, log=log, first=args.first)
     print(summary(results))
     print(f"{time.monotonic() - began:.0f} s")
     escapes = [r for r in results if r["outcome"] in ("escape", "harness")]
