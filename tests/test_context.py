@@ -38,13 +38,48 @@ def test_weights_cross_fade_in_the_overlap():
     assert torch.allclose(w[12:] + w[:4], torch.ones(4))
 
 
-def test_blending_reproduces_a_prediction_shared_by_all_windows():
-    frames, length, overlap = 48, 16, 4
-    windows = context_windows(frames, length, overlap)
-    w = window_weights(length, overlap)
-    signal = torch.randn(frames)
-    total, weight = torch.zeros(frames), torch.zeros(frames)
-    for idx in windows:
-        total[idx] += signal[idx] * w
-        weight[idx] += w
-    assert torch.allclose(total / weight, signal, atol=1e-6)
+class WindowMarker:
+    """A UNet stand-in whose every output frame is the index of the call (= the window) that produced it, so the
+    denoiser's blended result shows which windows reached each frame, and with what weight."""
+
+    def __init__(self):
+        self.windows = []
+
+    def __call__(self, x, t, context, y=None, *, num_frames, **kwargs):
+        self.windows.append(num_frames)
+        return torch.full_like(x, float(len(self.windows) - 1))
+
+
+def blended(num_frames: int, closed_loop: bool = False) -> torch.Tensor:
+    """The pipeline's WindowedDenoiser output per frame (16-frame windows, overlap 4, no CFG)."""
+    from types import SimpleNamespace
+
+    from vidsynth.pipelines.conditioning import Conditioning
+    from vidsynth.pipelines.denoiser import WindowedDenoiser
+
+    pipe = SimpleNamespace(unet=WindowMarker(), motion_modules=None, dtype=torch.float32, device=torch.device("cpu"))
+    cond = Conditioning(context=torch.zeros(1, 3, 8))
+    eps = WindowedDenoiser(pipe, cond, cfg_scale=1.0, num_frames=num_frames, context_length=16, context_overlap=4,
+                           closed_loop=closed_loop, motion_scale=1.0)
+    out = eps(torch.randn(1, 4, num_frames, 2, 2), torch.tensor(500.0))
+    assert pipe.unet.windows == [16] * len(eps.windows)
+    assert (out == out[:, :1, :, :1, :1]).all()  # one value per frame: the windows' outputs were not mixed up
+    return out[0, 0, :, 0, 0]
+
+
+def test_denoiser_cross_fades_windows_linearly_in_their_overlap():
+    """28 frames: window 0 covers 0-15, window 1 covers 12-27. Alone, a window's prediction passes unchanged;
+    in the 4 shared frames the result ramps from window 0 to window 1 by fifths (the linear cross-fade)."""
+    out = blended(28)
+    expected = torch.tensor([0.0] * 12 + [0.2, 0.4, 0.6, 0.8] + [1.0] * 12)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_closed_loop_blends_the_last_window_into_the_first_frames():
+    """48 frames in a loop: windows start at 0, 12, 24, 36 and the last wraps onto frames 0-3."""
+    out = blended(48, closed_loop=True)
+    ramp = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    torch.testing.assert_close(out[:4], 3 * (1 - ramp))  # window 3's tail fading out into window 0
+    for k in range(3):
+        torch.testing.assert_close(out[12 * k + 4:12 * k + 12], torch.full((8,), float(k)))
+        torch.testing.assert_close(out[12 * k + 12:12 * k + 16], k + ramp)
