@@ -101,12 +101,16 @@ class Trainer:
         self.stage, self.config, self.models = stage, config, models
         self.accelerator = acc = accelerator or make_accelerator(config)
         self.device, self.weight_dtype = acc.device, WEIGHT_DTYPES[config.mixed_precision]
-        torch.manual_seed(config.seed)  # the LoRA initialisation: the same on every process and every run
-        self.setup = setup = setup_stage(stage, config, models)
+        with torch.random.fork_rng(devices=[]):  # new weights: the same on every process and every run
+            torch.manual_seed(config.seed)
+            self.setup = setup = setup_stage(stage, config, models)
         encoders, tokenizers = models.text_encoders()
-        for module in (models.unet, models.vae, *encoders, setup.motion):
+        for module in (models.unet, *encoders, setup.motion):
             if module is not None and module is not setup.trainable:
                 module.to(self.device, self.weight_dtype)
+        # the SDXL VAE overflows in float16 (NaN latents): it encodes in float32, as ModelManager loads it
+        sdxl_fp16 = models.family == "sdxl" and self.weight_dtype == torch.float16
+        models.vae.to(self.device, torch.float32 if sdxl_fp16 else self.weight_dtype)
         setup.trainable.to(self.device, torch.float32)
         for module in (models.unet, setup.motion):
             if module is not None:
@@ -158,7 +162,7 @@ class Trainer:
         if "moments" in batch:
             moments = batch["moments"].to(self.device)
         else:
-            pixels = batch["pixels"].to(self.device, self.weight_dtype)
+            pixels = batch["pixels"]
             moments = posterior(self.models.vae, pixels.flatten(0, 1)).unflatten(0, pixels.shape[:2])
         clips, frames = moments.shape[:2]
         captions, latents, noises, timesteps = [], [], [], []
