@@ -83,3 +83,29 @@ def test_models_of_two_families_do_not_mix(tiny_files, tmp_path):
     manager.load_model(tiny_files[0])
     with pytest.raises(ConfigError, match="new ModelManager"):
         manager.load_model(tmp_path / "sdxl_unet.safetensors")
+
+
+def test_generate_from_an_input_video_or_image(tiny_files, tmp_path, capsys):
+    """--input VIDEO --strength: video-to-video through the same call the library makes; the recipe keeps the input
+    (hashed) and the strength; an image is animated; --strength alone is refused."""
+    import numpy as np
+    from PIL import Image
+
+    from vidsynth import save_video
+
+    base, motion = tiny_files
+    rng = np.random.default_rng(0)
+    source = tmp_path / "source.mp4"
+    save_video(rng.integers(0, 256, (6, 48, 64, 3), dtype=np.uint8), source, fps=8, quality=10)
+    common = ["generate", "--base", str(base), "--motion", str(motion), "--prompt", "a red fox", "--frames", "4",
+              "--steps", "5", "--size", "64x48", "--device", "cpu"]
+    out = tmp_path / "restyled.mp4"
+    assert main(common + ["--input", str(source), "--strength", "0.4", "-o", str(out)]) == 0
+    assert video_info(out)["frames"] == 4
+    assert main(["inspect", str(out)]) == 0
+    assert "input: source.mp4 (strength 0.4)" in capsys.readouterr().out
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "still.png")
+    assert main(common + ["--input", str(tmp_path / "still.png"), "-o", str(tmp_path / "animated.gif")]) == 0
+    assert video_info(tmp_path / "animated.gif")["frames"] == 4
+    assert main(common + ["--strength", "0.5", "-o", str(tmp_path / "x.mp4")]) == 2
+    assert "--strength applies to --input" in capsys.readouterr().err

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="default 0")
     gen.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default 512x512, SDXL 1024x1024)")
     gen.add_argument("--sampler", default=None, help="ddim, euler, euler_a, dpmpp_2m, lcm (default: the module's)")
+    gen.add_argument("--input", metavar="VIDEO_OR_IMAGE", help="start from this video (its first --frames frames) or "
+                     "image (animated): video-to-video / image-to-video")
+    gen.add_argument("--strength", type=float, default=None, help="with --input: how much to change it, in (0, 1] "
+                     "(default 0.6; 1 starts from pure noise)")
     gen.add_argument("--context-length", type=int, default=None)
     gen.add_argument("--context-overlap", type=int, default=None, help="default 4")
     gen.add_argument("--loop", action="store_true", default=None, help="closed loop: the last frames blend into the first")
@@ -114,7 +118,15 @@ def generate_recipe(args):
     given = {"prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed, "sampler": args.sampler,
              "steps": args.steps, "cfg_scale": args.cfg, "frames": args.frames, "fps": args.fps,
              "motion_version": args.motion_version, "context_length": args.context_length,
-             "context_overlap": args.context_overlap, "closed_loop": args.loop}
+             "context_overlap": args.context_overlap, "closed_loop": args.loop, "strength": args.strength}
+    if args.input:
+        from .recipe import ModelRef
+
+        given["input"] = ModelRef.of(args.input)
+        if args.strength is None:
+            given["strength"] = 0.6
+    elif args.strength is not None:
+        raise ConfigError("--strength applies to --input (the video or image to start from); give --input too")
     if args.size:
         given["width"], given["height"] = args.size
     given = {k: v for k, v in given.items() if v is not None}

@@ -59,6 +59,8 @@ class Recipe:
     context_overlap: int = 4
     closed_loop: bool = False
     sampler_options: dict[str, Any] = field(default_factory=dict)  # SamplerConfig fields beyond the sampler's name
+    input: ModelRef | None = None  # the video or image sampling started from (video-to-video / image-to-video)
+    strength: float = 1.0  # denoising strength with an input: 1 starts from pure noise
     vidsynth_version: str | None = None
 
     # ------------------------------------------------------------------------------------------------ JSON
@@ -78,7 +80,7 @@ class Recipe:
         if unknown := sorted(set(data) - known - {"format"}):
             logger.warning("%s: ignoring recipe fields this vidsynth does not know: %s", where, ", ".join(unknown))
         try:
-            for key in ("base", "motion"):
+            for key in ("base", "motion", "input"):
                 if values.get(key) is not None:
                     values[key] = ModelRef(**values[key])
             values["loras"] = tuple(ModelRef(**lora) for lora in values.get("loras") or ())
@@ -99,7 +101,7 @@ class Recipe:
     def hashed(self) -> "Recipe":
         """The recipe with every model file's sha256 filled in (each file read once per process)."""
         return replace(self, base=self.base and self.base.hashed(), motion=self.motion and self.motion.hashed(),
-                       loras=tuple(lora.hashed() for lora in self.loras))
+                       loras=tuple(lora.hashed() for lora in self.loras), input=self.input and self.input.hashed())
 
     def describe(self) -> str:
         """A few readable lines, as `vidsynth inspect VIDEO` prints them."""
@@ -109,6 +111,8 @@ class Recipe:
         if self.context_length:
             lines.append(f"context: {self.context_length} frames, overlap {self.context_overlap}, "
                          f"loop {self.closed_loop}")
+        if self.input is not None:
+            lines.append(f"input: {self.input.name} (strength {self.strength:g})  sha256 {self.input.sha256}")
         for label, ref in (("base", self.base), ("motion module", self.motion)):
             if ref is not None:
                 lines.append(f"{label}: {ref.name}  sha256 {ref.sha256}")

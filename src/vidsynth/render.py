@@ -85,12 +85,35 @@ def render(recipe: Recipe, session: ModelSession, *, progress_bar: bool = True,
                    steps=recipe.steps if recipe.steps is not None else defaults["steps"],
                    cfg_scale=recipe.cfg_scale if recipe.cfg_scale is not None else defaults["cfg_scale"],
                    width=recipe.width or side, height=recipe.height or side, vidsynth_version=__version__)
+    if done.input is not None:
+        pipeline_options = {"input_frames": input_frames(done.input.path, done.frames),
+                            "denoising_strength": done.strength, **(pipeline_options or {})}
     frames = pipe(prompt=done.prompt, negative_prompt=done.negative_prompt, cfg_scale=done.cfg_scale,
                   height=done.height, width=done.width, num_frames=done.frames, num_inference_steps=done.steps,
                   seed=done.seed, sampler=done.sampler, context_length=done.context_length,
                   context_overlap=done.context_overlap, closed_loop=done.closed_loop, progress_bar=progress_bar,
                   **done.sampler_options, **(pipeline_options or {}))
     return frames, done.hashed()
+
+
+def input_frames(path: str | os.PathLike, frames: int) -> list:
+    """The first ``frames`` frames of a video (or folder of frames), or one image repeated ``frames`` times."""
+    from PIL import Image
+
+    from .errors import VidsynthError
+    from .video_io import IMAGE_SUFFIXES, load_video
+
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        try:
+            with Image.open(path) as image:
+                return [image.convert("RGB")] * frames
+        except OSError as e:
+            raise VidsynthError(f"{path}: cannot read the input image ({e})") from None
+    video = load_video(path, max_frames=frames)
+    if len(video) < frames:
+        raise ConfigError(f"{path} has {len(video)} frames, fewer than the {frames} to render; pass --frames "
+                          f"{len(video)} or a longer input")
+    return video
 
 
 def save(frames, path: str | os.PathLike, recipe: Recipe) -> Path:
