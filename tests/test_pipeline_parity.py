@@ -40,7 +40,9 @@ def scheduler(sampler: str, version: str):
     v1/v2/v3 linear betas to 0.012, the SDXL beta module scaled_linear to 0.020; leading spacing, steps_offset 1."""
     betas = ("scaled_linear", 0.020) if version == "sdxl_beta" else ("linear", 0.012)
     common = dict(beta_schedule=betas[0], beta_start=0.00085, beta_end=betas[1], steps_offset=1,
-                  timestep_spacing="leading")
+                  timestep_spacing="trailing" if version == "lightning" else "leading")  # Lightning's model card
+    if sampler == "lcm":  # AnimateLCM's own scheduler config: LCM over a 100-step distillation grid
+        return diffusers.LCMScheduler(**common, original_inference_steps=100)
     if sampler == "ddim":  # set_alpha_to_one: DDIMScheduler's default, which the original AnimateDiff code keeps
         return diffusers.DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
     if sampler == "dpmpp_2m":
@@ -60,7 +62,7 @@ def noise() -> torch.Tensor:
     return torch.randn(1, 4, FRAMES, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(0))
 
 
-def run_diffusers(pipe, version: str, sampler: str, **kwargs) -> tuple[torch.Tensor, np.ndarray]:
+def run_diffusers(pipe, version: str, sampler: str, cfg: float = CFG, **kwargs) -> tuple[torch.Tensor, np.ndarray]:
     """(final latents, frames (f, H, W, 3)) of one diffusers run; the latents are those of its last step, which
     output_type="latent" would return."""
     pipe.scheduler = scheduler(sampler, version)
@@ -70,14 +72,14 @@ def run_diffusers(pipe, version: str, sampler: str, **kwargs) -> tuple[torch.Ten
         final["latents"] = tensors["latents"]
         return tensors
 
-    frames = pipe(PROMPT, negative_prompt="", guidance_scale=CFG, num_frames=FRAMES, height=HEIGHT, width=WIDTH,
+    frames = pipe(PROMPT, negative_prompt="", guidance_scale=cfg, num_frames=FRAMES, height=HEIGHT, width=WIDTH,
                   num_inference_steps=STEPS, output_type="np", callback_on_step_end=keep_latents,
                   **{"latents": noise(), **kwargs}).frames
     return final["latents"], frames[0]
 
 
-def run_ours(pipe, sampler: str, output_type: str, **kwargs):
-    return pipe(PROMPT, negative_prompt="", cfg_scale=CFG, num_frames=FRAMES, height=HEIGHT, width=WIDTH,
+def run_ours(pipe, sampler: str, output_type: str, cfg: float = CFG, **kwargs):
+    return pipe(PROMPT, negative_prompt="", cfg_scale=cfg, num_frames=FRAMES, height=HEIGHT, width=WIDTH,
                 num_inference_steps=STEPS, sampler=sampler, output_type=output_type, progress_bar=False,
                 **{"latents": noise(), **kwargs})
 
@@ -107,6 +109,28 @@ def test_matches_diffusers(version: str, sampler: str):
     # what the comparison can see: the motion modules move the result by far more than the tolerance
     static = run_ours(ours, sampler, "latent", motion_scale=0.0)
     assert max_rel_error(static, want_latents) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("version", ["v3", "animatelcm", "lightning"])
+def test_module_defaults_match_diffusers(version: str):
+    """Each module with its own sampler and guidance (v3: DDIM, cfg 7.5; AnimateLCM: LCM, cfg 1.5; Lightning:
+    trailing Euler, no CFG), seeded so LCM's per-step noise is drawn alike, against diffusers set up the same way.
+    Measured max errors, latents / frames, relative to the output scale: v3 2.4e-6 / 3.2e-6, AnimateLCM 4.4e-7 /
+    1.5e-6, Lightning 3.1e-7 / 1.3e-6."""
+    tiny, ours, theirs = models(version)
+    assert tiny.motion.config.version == version
+    defaults = tiny.motion.config.sampling_defaults()
+    sampler, cfg = defaults["sampler"], defaults["cfg_scale"]
+    want, want_frames = run_diffusers(theirs, version, sampler, cfg, latents=None,
+                                      generator=torch.Generator().manual_seed(5))
+    got = ours(PROMPT, negative_prompt="", num_frames=FRAMES, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+               output_type="latent", progress_bar=False, seed=5)  # sampler and cfg: the module's defaults
+    frames = run_ours(ours, sampler, "np", cfg, latents=None, seed=5)
+    latent_error, frame_error = max_rel_error(got, want), max_rel_error(frames, want_frames)
+    print(f"{version} {sampler} cfg {cfg}: latents {latent_error:.1e}, frames {frame_error:.1e} of the output scale")
+    assert latent_error <= TOLERANCE and frame_error <= TOLERANCE
+    assert max_rel_error(run_ours(ours, sampler, "latent", cfg, latents=None, seed=5, motion_scale=0.0),
+                         want) > 100 * TOLERANCE  # the motion module is part of what was compared
 
 
 @pytest.mark.parametrize("version, sampler, options", [
