@@ -39,3 +39,21 @@ def write_tiny_files(root: Path) -> dict[str, Path]:
     torch.save({f"{MOTION_LORA_SITE}.to_q_lora.down.weight": torch.randn(4, 32),
                 f"{MOTION_LORA_SITE}.to_q_lora.up.weight": torch.randn(32, 4)}, files["motion_lora"])
     return files
+
+
+def write_lora_files(folder: Path) -> dict[str, Path]:
+    """LoRA files for the models of ``write_tiny_files``, named and laid out like the README's: two MotionLoRAs
+    (v2_lora_ZoomIn / v2_lora_PanLeft.ckpt) and a v3-style domain adapter on the UNet's first attention block."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    adapter_site = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
+    files = {}
+    for name, site in (("v2_lora_ZoomIn.ckpt", MOTION_LORA_SITE), ("v2_lora_PanLeft.ckpt", MOTION_LORA_SITE),
+                       ("v3_sd15_adapter.ckpt", adapter_site)):
+        state = {}
+        for proj in ("to_q", "to_v", "to_out"):
+            state[f"{site}.{proj}_lora.down.weight"] = torch.randn(4, 32, generator=g) * 0.3
+            state[f"{site}.{proj}_lora.up.weight"] = torch.randn(32, 4, generator=g) * 0.3
+        files[name] = folder / name
+        torch.save(state, files[name])
+    return files
