@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 
 from .. import sampling
 from ..errors import ConfigError
+from . import ip_adapter as ip_stage
+from . import sparsectrl as sparsectrl_stage
 from .conditioning import Conditioning
 from .denoiser import WindowedDenoiser
 from .frames import frames_tensor
@@ -30,6 +32,7 @@ class VideoPipeline:
 
     family: str = ""
     conditioning_options: tuple[str, ...] = ()
+    ip_adapter = image_encoder = sparsectrl = None  # image conditions, taken from the ModelManager when it holds them
 
     def __init__(self, unet, vae, text_encoders, tokenizers, motion_modules=None, *, device=None, dtype=None):
         self.unet, self.vae, self.motion_modules = unet, vae, motion_modules
@@ -53,6 +56,8 @@ class VideoPipeline:
                    device=mm.device, dtype=mm.torch_dtype, **kwargs)
         for path in getattr(mm, "textual_inversions", ()):
             pipe.load_textual_inversion(path)
+        pipe.ip_adapter, pipe.image_encoder, pipe.sparsectrl = (mm.fetch_model(n) for n in
+                                                                ("ip_adapter", "image_encoder", "sparsectrl"))
         return pipe
 
     def load_textual_inversion(self, path, token: str | None = None) -> str:
@@ -141,6 +146,7 @@ class VideoPipeline:
             context_overlap = (context_length or 16) - animatediff_stride
         defaults = self.default_sampling()
         conditioning_options = {k: options.pop(k) for k in self.conditioning_options if k in options}
+        image_prompt, keyframes = ip_stage.parse_image_prompt(options), sparsectrl_stage.pop_keyframes(options)
         config = sampler_config(defaults, sampler, options)
         if options:
             raise ConfigError(f"unexpected argument(s) {', '.join(sorted(options))}; sampler settings are "
@@ -160,20 +166,24 @@ class VideoPipeline:
             context_length = min(16, native)
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
+        ip_stage.check_call(self, image_prompt)
+        keyframes = sparsectrl_stage.parse_keyframes(keyframes, num_frames, self.sparsectrl)
         return VideoRequest(
             prompt=prompt, negative_prompt=negative_prompt,
             cfg_scale=defaults["cfg_scale"] if cfg_scale is None else cfg_scale, height=height, width=width,
             num_frames=num_frames, steps=defaults["steps"] if num_inference_steps is None else num_inference_steps,
             sampler=config, generator=generator, input_frames=frames, context_length=context_length,
-            context_overlap=context_overlap, conditioning_options=conditioning_options, **fields)
+            context_overlap=context_overlap, conditioning_options=conditioning_options, image_prompt=image_prompt,
+            keyframes=keyframes, **fields)
 
     def run(self, request: VideoRequest):
         """The five stages of one checked request: conditioning, initial state, denoiser, sampler loop, decode."""
         r = request
         cond = self.condition(r)
         noise, init = initial_state(self, r)
-        eps = self.make_denoiser(r, cond)
-        x0 = self.sample(r, eps, noise, init)
+        with ip_stage.applied(self, r.image_prompt):  # the adapter's hooks on the UNet for this call only
+            eps = self.make_denoiser(r, cond)
+            x0 = self.sample(r, eps, noise, init)
         if r.output_type == "latent":
             return x0
         return self.decode(x0[0].transpose(0, 1), output_type=r.output_type, batch_size=r.vae_batch_size,
@@ -182,12 +192,14 @@ class VideoPipeline:
     # ------------------------------------------------------------------------------------------------ stages
     def condition(self, r: VideoRequest) -> Conditioning:
         prompts = [r.negative_prompt, r.prompt] if r.use_cfg else [r.prompt]
-        return self.encode_prompts(prompts, clip_skip=r.clip_skip, height=r.height, width=r.width,
+        cond = self.encode_prompts(prompts, clip_skip=r.clip_skip, height=r.height, width=r.width,
                                    **r.conditioning_options)
+        return ip_stage.with_image_tokens(self, r.image_prompt, cond)
 
     def control_providers(self, r: VideoRequest, cond: Conditioning) -> list:
-        """Control residual providers of this call (see denoiser.ControlProvider); none without control inputs."""
-        return []
+        """Control residual providers of this call (see denoiser.ControlProvider); none without control inputs.
+        They read the text tokens only, as in diffusers (image-prompt tokens are for the UNet's IP-Adapter)."""
+        return ip_stage.text_only(self, r.image_prompt, sparsectrl_stage.providers(self, r))
 
     def make_denoiser(self, r: VideoRequest, cond: Conditioning) -> WindowedDenoiser:
         return WindowedDenoiser(self, cond, cfg_scale=r.cfg_scale, num_frames=r.num_frames,

@@ -41,6 +41,8 @@ class VideoRequest:
     progress_bar: bool = True
     callback_on_step_end: Callable | None = None
     conditioning_options: dict[str, Any] = field(default_factory=dict)  # family-specific (SDXL size / crop ids)
+    image_prompt: Any = None  # pipelines.ip_adapter.ImagePrompt: IP-Adapter images and scale
+    keyframes: Any = None     # pipelines.sparsectrl.Keyframes: SparseCtrl keyframes, indices and scale
 
     @property
     def use_cfg(self) -> bool:
