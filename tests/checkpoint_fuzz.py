@@ -27,6 +27,8 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "benchmarks"))
+from _measure import current_rss, peak_rss, reset_peak_rss  # noqa: E402  (benchmarks' RSS readers)
 CASE_SECONDS = 10          # a case using more CPU time than this is an escape (the contract says "within seconds");
                            # CPU time, not wall time, so a busy shared machine does not fail a case
 CASE_MEMORY = 512 << 20    # peak RSS growth above this during one case is an escape (the seeds are < 10 MB)
@@ -360,23 +362,6 @@ def make_case(seeds: list[Seed], fuzz_seed: int, case: int, marker: Path) -> tup
 
 # ------------------------------------------------------------------------------------------------------ checking
 
-def _peak_rss_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 class _Timeout(BaseException):
     pass
 
@@ -422,7 +407,9 @@ def worker(fuzz_seed: int, start: int, stop: int, workdir: Path) -> None:
 
     torch.set_num_threads(1)
     # a guard for the shared machine, not the measure: the measure is the per-case peak RSS below
-    soft = _rss("VmSize:") + (6 << 30)
+    with open("/proc/self/status") as status:
+        virtual = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    soft = virtual + (6 << 30)
     resource.setrlimit(resource.RLIMIT_AS, (soft, resource.getrlimit(resource.RLIMIT_AS)[1]))
     signal.signal(signal.SIGALRM, _alarm)
     seeds = make_seeds()
@@ -433,7 +420,7 @@ def worker(fuzz_seed: int, start: int, stop: int, workdir: Path) -> None:
             base[s.name].write_bytes(s.data)
     lora_base = ModelManager(torch_dtype=torch.float32, device="cpu")
     lora_base.load_models([base["v1-5-tiny"], base["mm_sd_v15_v2-tiny"]])
-    can_reset = _peak_rss_reset()
+    can_reset = reset_peak_rss()
     for case in range(start, stop):
         marker = workdir / f"pwned-{case}"
         try:
@@ -444,9 +431,9 @@ def worker(fuzz_seed: int, start: int, stop: int, workdir: Path) -> None:
             continue
         path = workdir / f"case{case}-{seed.name}{suffix}"
         path.write_bytes(data)
-        before = _rss("VmRSS:")
+        before = current_rss()
         if can_reset:
-            _peak_rss_reset()
+            reset_peak_rss()
         began, cpu_began = time.monotonic(), time.process_time()
         signal.alarm(CASE_SECONDS * 6)  # wall clock: a hang
         try:
@@ -454,7 +441,7 @@ def worker(fuzz_seed: int, start: int, stop: int, workdir: Path) -> None:
         finally:
             signal.alarm(0)
         elapsed, cpu = time.monotonic() - began, time.process_time() - cpu_began
-        grown = _rss("VmHWM:") - before if can_reset else 0
+        grown = peak_rss() - before if can_reset else 0
         if marker.exists():
             outcome, detail = "escape", f"a pickle ran code (wrote {marker.name}); {detail}"
         elif cpu > CASE_SECONDS:
