@@ -25,6 +25,17 @@ def _lora(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _keyframe(text: str) -> tuple[int, str]:
+    index, sep, image = text.partition(":")
+    try:
+        if not sep or not image:
+            raise ValueError
+        return int(index), image
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a keyframe looks like INDEX:IMAGE (e.g. 0:first.png or -1:last.png), got "
+                                         f"{text!r}") from None
+
+
 DEFAULT_BASE, DEFAULT_MOTION = "StableDiffusion_v15", {"sd15": "AnimateDiff_v2", "sdxl": "AnimateDiff_xl_beta"}
 
 
@@ -64,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                      help="default: float16 on cuda, float32 on cpu")
+    gen.add_argument("--ip-adapter", metavar="FILE", help="IP-Adapter file (ip-adapter_sd15.bin / ip-adapter_sdxl.bin); "
+                     "its image encoder is read from --ip-encoder, default image_encoder/model.safetensors next to it")
+    gen.add_argument("--ip-encoder", metavar="FILE", help="the IP-Adapter's CLIP image encoder file")
+    gen.add_argument("--ip-image", action="append", default=None, metavar="IMG", help="image prompt (repeatable)")
+    gen.add_argument("--ip-scale", type=float, default=None, help="IP-Adapter scale (default 1.0)")
+    gen.add_argument("--sparsectrl", metavar="FILE", help="SparseCtrl file (v3_sd15_sparsectrl_rgb / _scribble.ckpt)")
+    gen.add_argument("--keyframe", action="append", default=None, type=_keyframe, metavar="INDEX:IMAGE",
+                     help="SparseCtrl keyframe at a frame index, negative from the end (repeatable; write "
+                     "--keyframe=-1:IMG for a negative index)")
     gen.add_argument("-o", "--output", required=True, help=".mp4, .webm, .gif, .webp, or a folder for PNG frames")
 
     anim = commands.add_parser("animate", help="run a prompt config of the original AnimateDiff repository")
@@ -173,10 +193,43 @@ def cmd_generate(args) -> int:
     from .render import ModelSession, render, save
 
     recipe = generate_recipe(args)
-    frames, done = render(recipe, ModelSession(args.device, args.dtype))
+    session = ModelSession(args.device, args.dtype)
+    frames, done = render(recipe, session, pipeline_options=image_condition_options(args, recipe, session))
     out = save(frames, args.output, done)
     print(f"wrote {out}")
     return 0
+
+
+def image_condition_options(args, recipe, session) -> dict:
+    """Pipeline call arguments for --ip-adapter/--ip-image and --sparsectrl/--keyframe; their model files are loaded
+    into the session's ModelManager first (these inputs are not part of the stored recipe)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    if bool(args.ip_adapter) != bool(args.ip_image):
+        raise ConfigError("--ip-adapter and --ip-image go together: the adapter file and at least one image prompt")
+    if bool(args.sparsectrl) != bool(args.keyframe):
+        raise ConfigError("--sparsectrl and --keyframe go together: the SparseCtrl file and at least one keyframe")
+    if not args.ip_adapter and not args.sparsectrl:
+        return {}
+    open_image = lambda path: Image.open(path).convert("RGB")  # noqa: E731
+    options, files = {}, []
+    if args.ip_adapter:
+        encoder = args.ip_encoder or Path(args.ip_adapter).parent / "image_encoder" / "model.safetensors"
+        if not Path(encoder).is_file():
+            raise ConfigError(f"{encoder}: no image encoder there; pass --ip-encoder FILE (models/image_encoder/"
+                              "model.safetensors for SD 1.5, sdxl_models/image_encoder/model.safetensors for SDXL)")
+        files += [args.ip_adapter, str(encoder)]
+        options.update(ipadapter_images=[open_image(p) for p in args.ip_image],
+                       ipadapter_scale=1.0 if args.ip_scale is None else args.ip_scale)
+    if args.sparsectrl:
+        files.append(args.sparsectrl)
+        options.update(sparsectrl_images=[open_image(p) for _, p in args.keyframe],
+                       sparsectrl_frame_indices=[i for i, _ in args.keyframe])
+    session.pipeline(recipe.base.path, recipe.motion.path if recipe.motion else None, (), recipe.motion_version)
+    session.manager.load_models(files)
+    return options
 
 
 def cmd_animate(args) -> int:
