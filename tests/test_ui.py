@@ -69,9 +69,11 @@ def test_generate_in_the_browser(server, page):
     pick(page, "base", "tiny/tiny_sd15.safetensors")
     pick(page, "motion", "tiny/tiny_mm_v2.ckpt")
     page.locator("#prompt textarea").fill("a red fox running in the snow")
-    for elem_id, value in {"width": 64, "height": 64, "frames": 4, "steps": 2, "seed": 11}.items():
+    for elem_id, value in {"width": 64, "height": 64, "frames": 4, "steps": 5, "seed": 11}.items():
         set_number(page, elem_id, value)
     page.locator("#generate").click()
+    # the sampler's steps show as a progress bar on the page while it runs
+    page.wait_for_function("() => /denoising/.test(document.querySelector('#result').innerText)", timeout=300_000)
     page.wait_for_selector("#result video", timeout=300_000)
     playable = page.wait_for_function(
         "() => { const v = document.querySelector('#result video'); return v && v.readyState >= 2 && v.duration > 0 }",
@@ -86,7 +88,7 @@ def test_generate_in_the_browser(server, page):
     assert (info["frames"], info["width"], info["height"]) == (4, 64, 64)
     recipe = read_recipe(video)
     assert (recipe.prompt, recipe.seed, recipe.steps, recipe.base.name) == (
-        "a red fox running in the snow", 11, 2, "tiny_sd15.safetensors")
+        "a red fox running in the snow", 11, 5, "tiny_sd15.safetensors")
     assert "seed: 11" in page.locator("#recipe textarea").input_value()
     assert page.locator("#gallery").get_by_text("a red fox running in the snow").count() >= 1
 

@@ -125,7 +125,7 @@ class Recipe:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, cached per process by (real path, size, mtime)."""
+    """sha256 of a file (or folder of frames), cached per process by (real path, size, mtime)."""
     real = os.path.realpath(path)
     try:
         stat = os.stat(real)
@@ -134,9 +134,13 @@ def file_sha256(path: str | os.PathLike) -> str:
     key = (real, stat.st_size, stat.st_mtime_ns)
     if key not in _hashes:
         digest = hashlib.sha256()
-        with open(real, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
+        folder = os.path.isdir(real)  # an input given as a folder of frames: each file's name, then its bytes
+        for file in sorted(p for p in Path(real).iterdir() if p.is_file()) if folder else [Path(real)]:
+            if folder:
+                digest.update(file.name.encode() + b"\0")
+            with open(file, "rb") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    digest.update(chunk)
         _hashes[key] = digest.hexdigest()
     return _hashes[key]
 

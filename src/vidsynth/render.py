@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -72,8 +72,10 @@ class ModelSession:
 
 
 def render(recipe: Recipe, session: ModelSession, *, progress_bar: bool = True,
+           on_step: Callable[[int, int], None] | None = None,
            pipeline_options: dict[str, Any] | None = None) -> tuple[list, Recipe]:
-    """Frames (PIL images) of ``recipe``, and the recipe as rendered: defaults filled in, files hashed, version set."""
+    """Frames (PIL images) of ``recipe``, and the recipe as rendered: defaults filled in, files hashed, version set.
+    ``on_step(done, total)`` is called after every sampling step."""
     if recipe.base is None:
         raise ConfigError("the recipe names no base model")
     pipe = session.pipeline(recipe.base.path, recipe.motion.path if recipe.motion else None,
@@ -88,6 +90,9 @@ def render(recipe: Recipe, session: ModelSession, *, progress_bar: bool = True,
     if done.input is not None:
         pipeline_options = {"input_frames": input_frames(done.input.path, done.frames),
                             "denoising_strength": done.strength, **(pipeline_options or {})}
+    if on_step is not None:
+        pipeline_options = {"callback_on_step_end": lambda _pipe, step, _t, _state: on_step(step + 1, done.steps) or {},
+                            **(pipeline_options or {})}
     frames = pipe(prompt=done.prompt, negative_prompt=done.negative_prompt, cfg_scale=done.cfg_scale,
                   height=done.height, width=done.width, num_frames=done.frames, num_inference_steps=done.steps,
                   seed=done.seed, sampler=done.sampler, context_length=done.context_length,

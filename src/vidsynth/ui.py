@@ -82,13 +82,13 @@ class Studio:
         self.models_dir, self.outputs_dir = models_dir, outputs_dir
         self.session = ModelSession(device, dtype)
 
-    def generate(self, base, motion, *values):
+    def generate(self, base, motion, *values, on_step=None):
         from .recipe import ModelRef, Recipe
         from .render import render, save
 
         lora_values, rest = values[:2 * LORA_SLOTS], values[2 * LORA_SLOTS:]
         (prompt, negative, sampler, steps, cfg, width, height, frames, seed, fps, context_length, context_overlap,
-         loop, video_format) = rest
+         loop, video_format, input_video, strength) = rest
         if not base:
             raise ConfigError(f"pick a base model (none found in {self.models_dir}: put an SD 1.5 / SDXL checkpoint "
                               "there or run `vidsynth download sd-v1-5`)")
@@ -102,10 +102,20 @@ class Studio:
                         fps=float(fps), base=ModelRef.of(self.models_dir / base),
                         motion=ModelRef.of(self.models_dir / motion) if motion and motion != NONE else None,
                         loras=loras, context_length=int(context_length) or None,
-                        context_overlap=int(context_overlap), closed_loop=bool(loop))
-        video, done = render(recipe, self.session)
+                        context_overlap=int(context_overlap), closed_loop=bool(loop),
+                        input=ModelRef.of(input_video) if input_video else None, strength=float(strength))
+        video, done = render(recipe, self.session, on_step=on_step)
         out = save(video, self.outputs_dir / output_name(prompt, done.seed, f".{video_format}"), done)
         return str(out), str(out), done.describe(), gallery(self.outputs_dir)
+
+
+def takes(argument: str) -> bool:
+    """Whether the video pipelines take ``argument`` (video-to-video and step callbacks came with the staged core)."""
+    import inspect
+
+    from .pipelines.core import VideoPipeline
+
+    return argument in inspect.signature(VideoPipeline.__call__).parameters
 
 
 def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os.PathLike | None = None, *,
@@ -124,9 +134,11 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
 
     files = scan_models(models) if models.is_dir() else ModelFiles([], [], [])
 
-    def run(*values, progress=gr.Progress(track_tqdm=True)):  # the pipeline's tqdm bars become the page's
+    def run(*values, progress=gr.Progress()):
+        on_step = (lambda done, total: progress((done, total), desc="denoising")) if takes("callback_on_step_end") \
+            else None
         try:
-            return studio.generate(*values)
+            return studio.generate(*values, on_step=on_step)
         except VidsynthError as e:
             raise gr.Error(str(e)) from None
         except Exception as e:  # shown as a message; the traceback stays in the server's log
@@ -169,6 +181,10 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                                                elem_id="context_length")
                     context_overlap = gr.Number(4, precision=0, minimum=0, label="Overlap", elem_id="context_overlap")
                     loop = gr.Checkbox(False, label="Closed loop", elem_id="loop")
+                with gr.Accordion("Video to video", open=False, visible=takes("input_frames")):
+                    input_video = gr.Video(label="Input video", sources=["upload"], elem_id="input_video")
+                    strength = gr.Slider(0, 1, value=0.7, step=0.05, label="Strength (0 keeps it, 1 from noise)",
+                                         elem_id="strength")
                 video_format = gr.Radio(["mp4", "webm", "gif", "webp"], value="mp4", label="Format", elem_id="format")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
@@ -180,7 +196,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
 
         dice.click(lambda: random.randrange(2**32), outputs=seed)
         go.click(run, inputs=[base, motion, *lora_inputs, prompt, negative, sampler, steps, cfg, width, height,
-                              frames, seed, fps, context_length, context_overlap, loop, video_format],
+                              frames, seed, fps, context_length, context_overlap, loop, video_format, input_video,
+                              strength],
                  outputs=[result, download, settings, history])
     app.queue()
     app.vidsynth_paths = [str(outputs.resolve())]
