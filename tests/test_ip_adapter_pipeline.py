@@ -7,6 +7,8 @@ hooks after a call.
 
 Measured: latents 2.4e-6 and frames 3.6e-6 of the output scale (two image prompts, scale 0.6); without the image
 prompt the latents differ from diffusers' by more than 100x the tolerance (asserted), so the comparison could fail.
+SDXL (AnimateDiffSDXLPipeline, Euler, one image, scale 0.8): latents 1.8e-6. InstantStyle's per-site scales equal
+those diffusers' set_ip_adapter_scale({"up": {"block_0": [0, s, 0]}}) sets.
 """
 from __future__ import annotations
 
@@ -93,3 +95,44 @@ def test_bad_image_prompt_calls_refused(pipelines):
             run_ours(ours, "ddim", "latent", ipadapter_images=images())
     finally:
         ours.ip_adapter = adapter
+
+
+def test_instant_style_scales_only_diffusers_style_block():
+    """DiffSynth's ipadapter_use_instant_style keeps the adapter in the style block only; diffusers' InstantStyle
+    setting for it is ``set_ip_adapter_scale({"up": {"block_0": [0.0, s, 0.0]}})``: the per-site scales agree."""
+    from test_pipeline_parity import scheduler as make_scheduler
+    from tiny_models import tiny_sdxl
+    from vidsynth.ip_adapter import cross_attention_sites
+    from vidsynth.pipelines.ip_adapter import ImagePrompt, site_scales
+
+    tiny = tiny_sdxl()
+    theirs = tiny.diffusers_pipeline(make_scheduler("euler", "sdxl_beta"))
+    theirs.unet._load_ip_adapter_weights(tiny_adapter_state(tiny.unet))
+    theirs.set_ip_adapter_scale({"up": {"block_0": [0.0, 0.5, 0.0]}})
+    want = [p.scale[0] for name, p in theirs.unet.attn_processors.items()
+            if name.endswith("attn2.processor") and "motion_modules" not in name]
+    got = site_scales(tiny.unet, ImagePrompt(("image",), 0.5, instant_style=True))
+    assert len(got) == len(cross_attention_sites(tiny.unet)) == len(want)
+    assert list(got) == want and 0 < got.count(0.5) < len(got)
+
+
+def test_sdxl_matches_diffusers_animatediff_sdxl_ip_adapter():
+    """SDXL: SDXLVideoPipeline(ipadapter_images=...) against AnimateDiffSDXLPipeline(ip_adapter_image=...), Euler."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from tiny_models import tiny_sdxl
+
+    tiny = tiny_sdxl()
+    state = tiny_adapter_state(tiny.unet)
+    ours_encoder, their_encoder = image_encoders()
+    ours = tiny.pipeline()
+    ours.ip_adapter, ours.image_encoder = our_adapter(state), ours_encoder
+    theirs = tiny.diffusers_pipeline(scheduler("euler", "sdxl_beta"))
+    theirs.register_modules(image_encoder=their_encoder, feature_extractor=CLIPImageProcessorPil())
+    theirs.unet._load_ip_adapter_weights(state)
+    theirs.set_ip_adapter_scale(0.8)
+    want, _ = run_diffusers(theirs, "sdxl_beta", "euler", ip_adapter_image=images()[0])
+    got = run_ours(ours, "euler", "latent", ipadapter_images=[images()[0]], ipadapter_scale=0.8)
+    plain = run_ours(ours, "euler", "latent")
+    error = max_rel_error(got, want)
+    print(f"sdxl latents {error:.1e} of the output scale")
+    assert error <= TOLERANCE and max_rel_error(plain, want) > 100 * TOLERANCE
