@@ -1,6 +1,7 @@
 """Reading checkpoint files: safe unpickling, clear errors for broken files, lazy shapes, wrappers."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -104,3 +105,48 @@ def test_conversion_through_the_chunk_buffer_is_exact(tmp_path, target):
     assert torch.equal(ckpt.tensor("big", target), big.to(target))
     assert torch.equal(ckpt.tensor("small", target), ckpt.tensor("small").to(target))
     assert torch.equal(ckpt.tensor("big"), big)
+
+
+def test_unsigned_and_float8_dtypes_read_back(tmp_path):
+    tensors = {"u16": torch.tensor([0, 65535], dtype=torch.uint16),
+               "u32": torch.tensor([7, 2**32 - 1], dtype=torch.uint32),
+               "u64": torch.tensor([1, 2**63], dtype=torch.uint64),
+               "f8": torch.tensor([0.5, -2.0]).to(torch.float8_e4m3fn),
+               "c64": torch.tensor([1 + 2j], dtype=torch.complex64)}
+    path = tmp_path / "types.safetensors"
+    save_file(tensors, path)
+    ckpt = Checkpoint(path)
+    for key, value in tensors.items():
+        assert ckpt.dtype(key) == value.dtype
+        assert ckpt.tensor(key).view(torch.uint8).tolist() == value.view(torch.uint8).tolist(), key
+
+
+def _safetensors(header: dict | bytes, data: bytes, length: int | None = None) -> bytes:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return (len(text) if length is None else length).to_bytes(8, "little") + text + data
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, "b": {"dtype": "F16", "shape": [4],
+                                                                              "data_offsets": [16, 24]}}
+
+
+@pytest.mark.parametrize("content,words", [
+    (_safetensors(GOOD, bytes(24), length=100_000_001), "100 MB"),
+    (_safetensors({**GOOD, "a": {**GOOD["a"], "shape": [-2, -2]}}, bytes(24)), "corrupt header"),
+    (_safetensors({**GOOD, "a": {**GOOD["a"], "shape": [2.0, 2]}}, bytes(24)), "corrupt header"),
+    (_safetensors({**GOOD, "a": {**GOOD["a"], "shape": [1 << 62, 1 << 62]}}, bytes(24)), "corrupt header"),
+    (_safetensors({**GOOD, "a": {**GOOD["a"], "data_offsets": [16, 0]}}, bytes(24)), "invalid offset"),
+    (_safetensors({**GOOD, "b": {**GOOD["b"], "data_offsets": [8, 16]}}, bytes(24)), "corrupt header"),
+    (_safetensors({**GOOD, "a": {**GOOD["a"], "dtype": "Q4"}}, bytes(24)), "corrupt header"),
+    (_safetensors(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", bytes(24)), "recursion limit"),
+    (_safetensors(GOOD, bytes(24) + b"extra"), "bytes appended"),
+    (_safetensors(GOOD, bytes(20)), "truncated"),
+])
+def test_lying_headers_are_refused_naming_the_file(tmp_path, content, words):
+    """Header checks of the safetensors package (size limit, typed shapes and offsets, contiguous data, bounded
+    nesting), reported as our error with the file's path."""
+    path = tmp_path / "lying.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=words) as err:
+        Checkpoint(path)
+    assert str(path) in str(err.value)

@@ -128,7 +128,8 @@ ROWS = [
     ("unknown LoRA for set_lora_alpha", lambda c: c.manager.set_lora_alpha("nope", 0.5), ConfigError,
      r"no loaded LoRA 'nope'; loaded"),
     ("pipeline from an empty manager",
-     lambda c: SDVideoPipeline.from_model_manager(ModelManager(torch_dtype=torch.float32, device="cpu")), ConfigError, r"load a sd15 single-file checkpoint"),
+     lambda c: SDVideoPipeline.from_model_manager(ModelManager(torch_dtype=torch.float32, device="cpu")), ConfigError,
+     r"load a sd15 single-file checkpoint"),
     # ---- save_video
     ("unknown video extension", lambda c: save_video(FRAMES, c.tmp / "out.xyz"), ConfigError, r"use .*\.mp4"),
     ("folder cannot be made", lambda c: save_video(FRAMES, c.blocker / "sub" / "out.mp4"), VidsynthError,

@@ -356,7 +356,8 @@ def _listing(items: list[str], limit: int = 5) -> str:
 def _check_shapes(module: nn.Module, target: Target, down: torch.Tensor, up: torch.Tensor) -> str | None:
     """Why ``down``/``up`` do not fit ``module`` (None when they do). 1x1-conv-shaped pairs fit Linear layers."""
     if down.ndim not in (2, 4) or up.ndim not in (2, 4) or not down.shape[0]:
-        return f"{target}: down {list(down.shape)} / up {list(up.shape)} are not a rank >= 1 pair of matrices or kernels"
+        return (f"{target}: down {list(down.shape)} / up {list(up.shape)} are not a rank >= 1 pair of matrices or "
+                "kernels")
     if not (down.is_floating_point() and up.is_floating_point()):
         return f"{target}: down / up are stored as {down.dtype} / {up.dtype}, not floating point"
     rank = down.shape[0]
