@@ -108,7 +108,8 @@ def test_adapter_scale_and_legacy_domain_lora_scale(workdir, caplog):
     ({"seed": 2**64}, "seed must be an integer in"),
     ({"seed": "abc"}, "seed must be"),
     ({"inference_config": "configs/inference/inference-sd21.yaml"}, "neither a file nor one of the original"),
-    ({"controlnet_path": "models/SparseCtrl/v3_sd15_sparsectrl_rgb.ckpt"}, "SparseCtrl .* not supported"),
+    ({"controlnet_path": "models/SparseCtrl/v3_sd15_sparsectrl_rgb.ckpt", "controlnet_config": "c.yaml",
+      "controlnet_images": ["missing.png"]}, "controlnet_path 'models/SparseCtrl/v3_sd15_sparsectrl_rgb.ckpt' is not"),
     ({"prompt": None}, "prompt must be a list"),
 ])
 def test_bad_entries_are_refused_before_loading(workdir, change, message):
@@ -130,6 +131,7 @@ STAND_INS = {
     "models/Motion_Module/mm_sd_v15_v2.ckpt": "mm_sd_v15_v2.ckpt",
     "models/Motion_Module/v3_sd15_mm.ckpt": "v3_sd15_mm.ckpt",
     "models/Motion_Module/v3_sd15_adapter.ckpt": "v3_sd15_adapter.ckpt",
+    "models/SparseCtrl/v3_sd15_sparsectrl_rgb.ckpt": "v3_sd15_sparsectrl_rgb.ckpt",
     **{f"models/MotionLoRA/v2_lora_{m}.ckpt": "v2_lora_ZoomIn.ckpt" for m in (
         "ZoomIn", "ZoomOut", "PanLeft", "PanRight", "TiltUp", "TiltDown", "RollingClockwise", "RollingAnticlockwise")},
 }
@@ -144,6 +146,13 @@ def original_layout(full_checkpoint, tmp_path_factory):
     for link, layout in STAND_INS.items():
         (root / link).parent.mkdir(parents=True, exist_ok=True)
         (root / link).symlink_to(full_checkpoint(layout))
+    from PIL import Image
+
+    for config in SHARED_CONFIGS.glob("*.yaml"):  # the keyframe images of SparseCtrl entries (repository assets)
+        for entry in configs.read_config(config)[1]:
+            for image in entry[1].get("controlnet_images") or []:
+                (root / image).parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (96, 64), (200, 120, 40)).save(root / image)
     return root
 
 
@@ -165,9 +174,11 @@ def test_original_configs_as_they_are(original_layout, name, monkeypatch):
     config = SHARED_CONFIGS / name
     out = original_layout / "samples" / Path(name).stem
     run = bigmem(["animate", str(config), "--output-dir", str(out), *FULL], original_layout)
-    if "controlnet_path" in config.read_text():
-        # SparseCtrl (the image-prompt issue) is not on main yet: refused up front with a clear message
-        assert run.returncode == 2 and "SparseCtrl" in run.stderr and "not supported" in run.stderr, run.stderr
+    if "controlnet_image_indexs: [0,5,10,15]" in config.read_text():
+        # its 3-interpolation entry puts keyframes at frames 5, 10, 15: at --L 4 it cannot run (the original fails
+        # there too, with an IndexError after rendering the entries before it); refused before anything is loaded
+        assert run.returncode == 2, run.stderr[-3000:]
+        assert "controlnet_image_indexs [5, 10, 15] lie outside the 4-frame video" in run.stderr
         assert not out.exists() or not any(out.glob("*.gif"))
         return
     assert run.returncode == 0, run.stderr[-3000:]
@@ -198,3 +209,46 @@ def test_original_configs_as_they_are(original_layout, name, monkeypatch):
     again = load_video(out / "g.gif")
     assert len(again) == 4
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(load_video(gifs[0]), again))
+
+
+def tiny_sparsectrl(path: Path) -> Path:
+    """A random RGB SparseCtrl file in the original layout that fits tiny_files' UNet (diffusers' model, renamed)."""
+    import torch
+    from diffusers import SparseControlNetModel
+
+    from test_sparsectrl import to_ours
+
+    torch.manual_seed(5)
+    model = SparseControlNetModel(conditioning_channels=4, use_simplified_condition_embedding=True,
+                                  block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, attention_head_dim=8,
+                                  conditioning_embedding_out_channels=(8, 8, 16, 16), motion_max_seq_length=32,
+                                  motion_num_attention_heads=8)
+    with torch.no_grad():  # its zero-initialised output convolutions would make the keyframes do nothing
+        for p in model.parameters():
+            if p.ndim > 1 and not p.any():
+                p.copy_(torch.randn(p.shape) * p[0].numel() ** -0.5)
+    torch.save(to_ours(model.state_dict()), path)  # a flat dict, as the released files
+    return path
+
+
+def test_sparsectrl_entry_conditions_on_its_keyframes(workdir):
+    from PIL import Image
+
+    tiny_sparsectrl(workdir / "models/sparsectrl_rgb.ckpt")
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.new("RGB", (48, 32), colour).save(workdir / f"key{i}.png")
+    entry = {"dreambooth_path": "models/DreamBooth_LoRA/base.safetensors", "motion_module": "models/Motion_Module/mm.ckpt",
+             "controlnet_config": "configs/inference/sparsectrl/latent_condition.yaml",
+             "controlnet_path": "models/sparsectrl_rgb.ckpt", "controlnet_images": ["key0.png", "key1.png"],
+             "controlnet_image_indexs": [0, -1], "seed": 3, "prompt": ["p"], "n_prompt": [""]}
+    plain = {k: v for k, v in entry.items() if not k.startswith("controlnet")}
+    with_keys = configs.run_config(write(workdir / "s.yaml", [entry]), width=32, height=32, frames=2, steps=1,
+                                   output_dir=workdir / "s", device="cpu", progress_bar=False)
+    without = configs.run_config(write(workdir / "p.yaml", [plain]), width=32, height=32, frames=2, steps=1,
+                                 output_dir=workdir / "p", device="cpu", progress_bar=False)
+    a, b = (np.asarray(load_video(out[0])[0], dtype=np.float32) for out in (with_keys, without))
+    assert np.abs(a - b).mean() > 1.0  # the keyframes move the frames
+    with pytest.raises(ConfigError, match=r"controlnet_image_indexs \[5\] lie outside the 4-frame video"):
+        configs.plan_jobs(write(workdir / "t.yaml", [{**entry, "controlnet_image_indexs": [0, 5]}]), frames=4)
+    with pytest.raises(ConfigError, match="needs controlnet_config"):
+        configs.plan_jobs(write(workdir / "u.yaml", [{**entry, "controlnet_config": ""}]))

@@ -6,7 +6,8 @@ Two formats: the current one, a list of entries, and the one before December 202
 ``motion_module`` may be a list (each module renders every prompt in turn). Keys and their defaults follow the
 original script: ``lora_alpha`` 0.8, ``adapter_lora_scale`` 1.0, ``seed`` -1 (random), W/H/L from the command line
 (512/512/16), ``inference_config`` inference-v1 when absent. Paths are relative to the working directory, as there.
-Every config is checked in full before the first model is loaded.
+SparseCtrl entries (``controlnet_path``, ``controlnet_images`` at ``controlnet_image_indexs``) condition on their
+keyframes through the pipeline's SparseCtrl stage. Every config is checked in full before the first model is loaded.
 """
 from __future__ import annotations
 
@@ -40,6 +41,40 @@ KNOWN_KEYS = {"dreambooth_path", "lora_model_path", "lora_alpha", "motion_module
 MAX_SEED = 2**64 - 1
 
 
+@dataclass(frozen=True)
+class SparseCtrlKeys:
+    """An entry's SparseCtrl: the model file, its keyframe images and the frames they go to."""
+
+    model: Path
+    images: tuple[Path, ...]
+    indices: tuple[int, ...]
+    normalize: bool = False  # normalize_condition_images: grey, stretched to [0, 1]
+
+    def pipeline_options(self, width: int, height: int) -> dict[str, Any]:
+        return {"sparsectrl_images": [_keyframe(path, width, height, self.normalize) for path in self.images],
+                "sparsectrl_frame_indices": list(self.indices)}
+
+
+def _keyframe(path: Path, width: int, height: int, normalize: bool):
+    """The original's keyframe transform: the largest centred crop of the W/H aspect ratio, resized to W x H
+    (RandomResizedCrop with scale (1, 1)); optionally grey and stretched to the full range."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    ratio = width / height
+    crop_w, crop_h = (image.width, round(image.width / ratio)) if image.width / image.height < ratio else \
+        (round(image.height * ratio), image.height)
+    left, top = (image.width - crop_w) // 2, (image.height - crop_h) // 2
+    image = image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.BILINEAR)
+    if normalize:
+        grey = np.asarray(image, dtype=np.float32).mean(axis=2)
+        grey = (grey - grey.min()) / max(float(grey.max() - grey.min()), 1e-8)
+        image = Image.fromarray((np.repeat(grey[..., None], 3, axis=2) * 255).round().astype(np.uint8))
+    return image
+
+
 @dataclass
 class Job:
     """One entry with one motion module: the models, and one (prompt, negative, seed) per video."""
@@ -55,6 +90,7 @@ class Job:
     steps: int | None
     cfg_scale: float | None
     sampler_options: dict[str, Any]
+    sparsectrl: SparseCtrlKeys | None = None
     videos: list[tuple[str, str, int]] = field(default_factory=list)  # (prompt, negative, seed or -1)
 
 
@@ -90,15 +126,13 @@ def plan_jobs(path: str | os.PathLike, *, width: int | None = None, height: int 
         if unknown := sorted(set(entry) - KNOWN_KEYS):
             logger.warning("%s: ignoring unknown keys %s (the original script ignores them too)", where,
                            ", ".join(map(str, unknown)))
-        if _text(entry, "controlnet_path", where):
-            raise ConfigError(f"{where}: SparseCtrl (controlnet_path {entry['controlnet_path']!r}) is not supported "
-                              "by `vidsynth animate` yet; remove the controlnet_* keys to render without it")
         modules = entry.get("motion_module")
         modules = [modules] if isinstance(modules, str) else modules
         if not modules or not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
             raise ConfigError(f"{where}: motion_module must name a motion module file (or, in the old format, a list "
                               f"of them), got {entry.get('motion_module')!r}")
         common = _models_and_settings(entry, where, width, height, frames, steps)
+        common["sparsectrl"] = _sparsectrl(entry, where, common["frames"])
         videos = _videos(entry, where)
         for module in modules:
             motion = _existing(module, "motion_module", where)
@@ -137,6 +171,33 @@ def _models_and_settings(entry: dict, where: str, width, height, frames, steps) 
         "cfg_scale": _number(entry, "guidance_scale", None, where),
         "sampler_options": inference_settings(entry.get("inference_config", DEFAULT_INFERENCE_CONFIG), where),
     }
+
+
+def _sparsectrl(entry: dict, where: str, frames: int) -> SparseCtrlKeys | None:
+    path = _text(entry, "controlnet_path", where)
+    if not path:
+        return None
+    if not _text(entry, "controlnet_config", where):
+        raise ConfigError(f"{where}: controlnet_path needs controlnet_config too (the original asserts it); vidsynth "
+                          "reads the model's layout off its tensors, so any of the original's sparsectrl/*.yaml will do")
+    images = entry.get("controlnet_images")
+    images = [images] if isinstance(images, str) else images
+    if not images or not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise ConfigError(f"{where}: controlnet_path needs controlnet_images, a list of keyframe image files")
+    if len(images) > frames:
+        raise ConfigError(f"{where}: {len(images)} controlnet_images for a {frames}-frame video (L); give at most "
+                          f"{frames} or raise --L")
+    indices = entry.get("controlnet_image_indexs", [0])
+    if not isinstance(indices, list) or len(indices) != len(images) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ConfigError(f"{where}: controlnet_image_indexs must list one frame index per controlnet_images entry "
+                          f"({len(images)}), got {indices!r}")
+    if outside := [i for i in indices if not -frames <= i < frames]:
+        raise ConfigError(f"{where}: controlnet_image_indexs {outside} lie outside the {frames}-frame video (L); "
+                          f"raise --L to at least {max(max(indices) + 1, -min(indices))}")
+    return SparseCtrlKeys(_existing(path, "controlnet_path", where),
+                          tuple(_existing(image, "controlnet_images", where) for image in images), tuple(indices),
+                          bool(entry.get("normalize_condition_images", False)))
 
 
 def inference_settings(name: Any, where: str) -> dict[str, Any]:
@@ -247,7 +308,11 @@ def run_config(path: str | os.PathLike, *, width: int | None = None, height: int
                             sampler_options=sampler_options,
                             **model_refs(job.base or default_base, job.motion, job.loras))
             logger.info("%s: seed %d, sampling %s", job.where, seed, prompt)
-            video, done = render(recipe, session, progress_bar=progress_bar)
+            options = {}
+            if job.sparsectrl is not None:
+                session.pipeline(recipe.base.path, job.motion, [], None, extra=[job.sparsectrl.model])
+                options = job.sparsectrl.pipeline_options(job.width, job.height)
+            video, done = render(recipe, session, progress_bar=progress_bar, pipeline_options=options)
             written.append(save(video, out_dir / video_name(len(written), prompt, video_format), done))
     for job in jobs:
         job.entry["random_seed"] = seeds_used.get(id(job.entry), [])

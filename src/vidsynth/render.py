@@ -40,9 +40,13 @@ class ModelSession:
         self.manager = None
         self._base: str | None = None
         self._motion: tuple[str | None, str | None] = (None, None)
+        self._extra: set[str] = set()
 
     def pipeline(self, base: str | os.PathLike, motion: str | os.PathLike | None = None,
-                 loras: list[tuple[str | os.PathLike, float]] = (), motion_version: str | None = None):
+                 loras: list[tuple[str | os.PathLike, float]] = (), motion_version: str | None = None, *,
+                 extra: list[str | os.PathLike] = ()):
+        """The pipeline over these files; ``extra`` model files (SparseCtrl, IP-Adapter, ...) are loaded once and
+        stay until the base changes."""
         from .manager import ModelManager
 
         base_key = os.path.realpath(base)
@@ -50,8 +54,12 @@ class ModelSession:
             self.manager, self._base, self._motion = None, None, (None, None)  # free the old models first
             manager = ModelManager(torch_dtype=self.dtype, device=self.device)
             manager.load_models([base], motion_version=motion_version)
-            self.manager, self._base = manager, base_key
+            self.manager, self._base, self._extra = manager, base_key, set()
         manager = self.manager
+        for path in extra:
+            if os.path.realpath(path) not in self._extra:
+                manager.load_models([path])
+                self._extra.add(os.path.realpath(path))
         for lora in list(manager.loras):
             manager.remove_lora(lora)
         motion_key = (os.path.realpath(motion) if motion else None, motion_version)
