@@ -150,3 +150,18 @@ def test_lying_headers_are_refused_naming_the_file(tmp_path, content, words):
     with pytest.raises(CheckpointError, match=words) as err:
         Checkpoint(path)
     assert str(path) in str(err.value)
+
+
+def test_write_safetensors_is_read_back_by_the_safetensors_package(tmp_path):
+    from safetensors.torch import load_file
+
+    from vidsynth.checkpoints import write_safetensors
+
+    state = {"a": torch.randn(3, 4), "ids": torch.arange(5), "bf": torch.randn(7).bfloat16(), "none": torch.zeros(0, 3),
+             "u16": torch.tensor([1, 65535], dtype=torch.uint16), "view": torch.randn(4, 4).t()}  # not contiguous
+    path = tmp_path / "written.safetensors"
+    write_safetensors(state, path)
+    back = load_file(str(path))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], v) and back[k].dtype == v.dtype
+                                               for k, v in state.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["written.safetensors"]  # no temporary of its own

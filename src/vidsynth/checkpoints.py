@@ -156,6 +156,24 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, 8 + n
 
 
+def write_safetensors(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write ``state`` as a .safetensors file at exactly ``path``, one tensor at a time. safetensors' own save_file
+    writes through a temporary of its own (.tmpXXXXXX beside the file), which a killed writer leaves behind and
+    nothing can tell from a user's file; an atomic writer here owns its temporary's name instead."""
+    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for key, t in state.items():
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for t in state.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:

@@ -410,8 +410,8 @@ def save_file(state: dict[str, torch.Tensor], path: Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.contiguous() for k, v in state.items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file as save_safetensors
-        save_safetensors(state, str(tmp))
+        from ..checkpoints import write_safetensors  # into tmp itself: safetensors' save_file makes its own temporary
+        write_safetensors(state, tmp)
     else:
         torch.save(state, tmp)
     tmp.replace(path)
