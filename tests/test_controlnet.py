@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.tiny_models import SD15_UNET, SDXL_TIME_ID_DIM, SDXL_UNET, diffusers_unet2d, randomise, tiny_unet
+from tiny_models import SD15_UNET, SDXL_TIME_ID_DIM, SDXL_UNET, diffusers_unet2d, randomise, tiny_unet
 from vidsynth.checkpoints import load_checkpoint
 from vidsynth.errors import ConfigError
 from vidsynth.models.layers import timestep_embedding

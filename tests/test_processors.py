@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.tiny_models import randomise
+from tiny_models import randomise
 from vidsynth.errors import ConfigError
 from vidsynth.models.lineart import LineartConfig, LineartGenerator
 from vidsynth.processors import Processor, detect_size
