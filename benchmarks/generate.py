@@ -3,6 +3,7 @@
     python benchmarks/generate.py                    # SD 1.5 + mm_sd_v15_v2, CPU float32, 256x256, 8 frames, 4 DDIM steps
     python benchmarks/generate.py --sdxl             # SDXL base + mm_sdxl_v10_beta, 2 Euler steps
     python benchmarks/generate.py --device cuda --dtype float16 --size 512 --frames 16 --steps 25   # on a GPU
+    python benchmarks/generate.py --control          # + control_v11p_sd15_lineart.pth on random frames
 
 Weights: random full-size files in the exact layouts of v1-5-pruned-emaonly.safetensors (float16) / sd_xl_base_1.0
 + the motion module, written once into --workdir by ../shared/tools/make_checkpoint.py; nothing is downloaded.
@@ -10,6 +11,8 @@ ours:      ModelManager(...).load_models([base, motion]) -> SDVideoPipeline / SD
 diffusers: the same file through from_single_file + original config, MotionAdapter.from_single_file, then
            UNetMotionModel.from_unet2d assembled without a second copy (see _reference.motion_unet),
            AnimateDiffPipeline / AnimateDiffSDXLPipeline with DDIMScheduler / EulerDiscreteScheduler set as ours.
+--control (SD 1.5): ours ControlNetConfigUnit("none", file) through from_model_manager; diffusers the same .pth through
+convert_controlnet_checkpoint into ControlNetModel(), AnimateDiffControlNetPipeline; the same control frames.
 Both contenders start from the same initial noise (1, 4, f, h/8, w/8) and run strictly one after another, each in
 its own process. How the phases are timed, identically for both:
   text+denoise  the pipeline called with output_type="latent" (prompt encoding, all sampler steps with CFG)
@@ -42,6 +45,17 @@ SCHEDULES = {"sd15": ("ddim", dict(beta_schedule="linear", beta_start=0.00085, b
                                     timestep_spacing="leading"))}
 
 
+CONTROLNET = ("control_v11p_sd15_lineart.pth", None)
+
+
+def control_frames(frames: int, size: int, seed: int) -> list:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((size // 16, size // 16, 3)) * 255).astype(np.uint8)).resize((size, size))
+            for _ in range(frames)]
+
+
 def initial_noise(frames: int, size: int, seed: int) -> torch.Tensor:
     return torch.randn((1, 4, frames, size // 8, size // 8), generator=torch.Generator().manual_seed(seed))
 
@@ -51,21 +65,24 @@ def synchronizer(device: str):
 
 
 def ours(family: str, base: str, motion: str, device: str, dtype: str, size: int, frames: int, steps: int,
-         cfg: float, seed: int, save: str) -> None:
+         cfg: float, seed: int, save: str, controlnet: str | None = None) -> None:
     torch.set_grad_enabled(False)
     phases = Phases(device)
-    from vidsynth import ModelManager, SDVideoPipeline, SDXLVideoPipeline
+    from vidsynth import ControlNetConfigUnit, ModelManager, SDVideoPipeline, SDXLVideoPipeline
 
     with phases("load"):
         manager = ModelManager(torch_dtype=getattr(torch, dtype), device=device)
-        manager.load_models([base, motion])
-        pipe = (SDXLVideoPipeline if family == "sdxl" else SDVideoPipeline).from_model_manager(manager)
+        manager.load_models([base, motion] + ([controlnet] if controlnet else []))
+        units = [ControlNetConfigUnit("none", controlnet)] if controlnet else []
+        pipe = (SDXLVideoPipeline if family == "sdxl" else SDVideoPipeline).from_model_manager(
+            manager, controlnet_config_units=units)
+    control = {"controlnet_frames": control_frames(frames, size, seed)} if controlnet else {}
     totals: dict[str, float] = {}
     with timed_calls(totals, "text", pipe, "encode_prompts"), \
             timed_forwards(totals, "unet", pipe.unet, synchronizer(device)), phases("text+denoise"):
         x0 = pipe(PROMPT, negative_prompt=NEGATIVE, cfg_scale=cfg, height=size, width=size, num_frames=frames,
                   num_inference_steps=steps, sampler=SCHEDULES[family][0], latents=initial_noise(frames, size, seed),
-                  output_type="latent", progress_bar=False)
+                  output_type="latent", progress_bar=False, **control)
     with phases("decode"):
         video = pipe.decode(x0[0].transpose(0, 1), output_type="np", batch_size=8, tiled=None, progress_bar=False)
     np.save(save, video)
@@ -73,7 +90,7 @@ def ours(family: str, base: str, motion: str, device: str, dtype: str, size: int
 
 
 def diffusers(family: str, base: str, motion: str, device: str, dtype: str, size: int, frames: int, steps: int,
-              cfg: float, seed: int, save: str, workdir: str) -> None:
+              cfg: float, seed: int, save: str, workdir: str, controlnet: str | None = None) -> None:
     torch.set_grad_enabled(False)
     phases = Phases(device)
     from diffusers import AnimateDiffPipeline, AnimateDiffSDXLPipeline, DDIMScheduler, EulerDiscreteScheduler
@@ -95,6 +112,21 @@ def diffusers(family: str, base: str, motion: str, device: str, dtype: str, size
             scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, **schedule)
             pipe = AnimateDiffSDXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, motion_adapter=adapter,
                                            scheduler=scheduler, **parts)
+        elif controlnet:
+            from diffusers import AnimateDiffControlNetPipeline, ControlNetModel
+            from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+            state = torch.load(controlnet, mmap=True, weights_only=True)
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():  # as from_single_file builds it: no random init before the weights
+                net = ControlNetModel(cross_attention_dim=768)  # otherwise its defaults are SD 1.5's ControlNet
+            net.load_state_dict(convert_controlnet_checkpoint(state, {"layers_per_block": 2}), strict=True,
+                                assign=True)
+            del state
+            scheduler = DDIMScheduler(num_train_timesteps=1000, **schedule)
+            pipe = AnimateDiffControlNetPipeline(tokenizer=tokenizer, motion_adapter=adapter, scheduler=scheduler,
+                                                 controlnet=net.to(torch_dtype), **parts)
         else:
             scheduler = DDIMScheduler(num_train_timesteps=1000, **schedule)
             pipe = AnimateDiffPipeline(tokenizer=tokenizer, motion_adapter=adapter, scheduler=scheduler, **parts)
@@ -103,10 +135,12 @@ def diffusers(family: str, base: str, motion: str, device: str, dtype: str, size
         pipe.set_progress_bar_config(disable=True)
     totals: dict[str, float] = {}
     latents = initial_noise(frames, size, seed).to(device, torch_dtype)
+    control = {"conditioning_frames": control_frames(frames, size, seed)} if controlnet else {}
     with timed_calls(totals, "text", pipe, "encode_prompt"), \
             timed_forwards(totals, "unet", pipe.unet, synchronizer(device)), phases("text+denoise"):
         x0 = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=cfg, height=size, width=size,
-                  num_frames=frames, num_inference_steps=steps, latents=latents, output_type="latent").frames
+                  num_frames=frames, num_inference_steps=steps, latents=latents, output_type="latent",
+                  **control).frames
     with phases("decode"):
         if family == "sdxl":
             if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:  # as the pipeline itself does
@@ -132,15 +166,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default 4 for SD 1.5, 2 for SDXL)")
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--control", action="store_true", help="SD 1.5 with the lineart ControlNet (cldm .pth)")
     parser.add_argument("--only", choices=["ours", "diffusers"], help="run one contender")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench", help="where the random files are cached")
     args = parser.parse_args()
     family = "sdxl" if args.sdxl else "sd15"
     steps = args.steps or (2 if args.sdxl else 4)
 
+    if args.control and args.sdxl:
+        raise SystemExit("--control is SD 1.5 only: diffusers has no AnimateDiff SDXL ControlNet pipeline")
     base, motion = (ensure_checkpoint(args.workdir, name, dtype) for name, dtype in FILES[family])
+    controlnet = ensure_checkpoint(args.workdir, *CONTROLNET) if args.control else None
     setting = (f"{family} {args.device} {args.dtype} {args.size}x{args.size} {args.frames} frames {steps} "
-               f"{SCHEDULES[family][0]} steps cfg {args.cfg}")
+               f"{SCHEDULES[family][0]} steps cfg {args.cfg}" + (" + ControlNet" if controlnet else ""))
     print(f"{setting}; {base.name} + {motion.name}; torch {torch.__version__}, {torch.get_num_threads()} threads",
           flush=True)
     results, outputs = {}, {}
@@ -148,7 +186,7 @@ def main() -> None:
         outputs[name] = args.workdir / f"frames-{family}-{name}.npy"
         kwargs = dict(family=family, base=str(base), motion=str(motion), device=args.device, dtype=args.dtype,
                       size=args.size, frames=args.frames, steps=steps, cfg=args.cfg, seed=args.seed,
-                      save=str(outputs[name]))
+                      save=str(outputs[name]), controlnet=controlnet and str(controlnet))
         if name == "diffusers":
             kwargs["workdir"] = str(args.workdir)
         results[name] = run_isolated(__file__, name, **kwargs)

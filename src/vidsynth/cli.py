@@ -36,6 +36,21 @@ def _keyframe(text: str) -> tuple[int, str]:
                                          f"{text!r}") from None
 
 
+def _control(text: str) -> tuple[str, str, float]:
+    """FILE:PROCESSOR[:SCALE] (the file may itself contain ':')."""
+    head, _, last = text.rpartition(":")
+    scale = 1.0
+    try:
+        scale = float(last)
+        head, _, last = head.rpartition(":")
+    except ValueError:
+        pass
+    if not head or not last:
+        raise argparse.ArgumentTypeError(f"--control takes FILE:PROCESSOR[:SCALE], e.g. "
+                                         f"control_v11p_sd15_lineart.pth:lineart:0.8; got {text!r}")
+    return head, last, scale
+
+
 DEFAULT_BASE, DEFAULT_MOTION = "StableDiffusion_v15", {"sd15": "AnimateDiff_v2", "sdxl": "AnimateDiff_xl_beta"}
 
 
@@ -68,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--context-overlap", type=int, default=None, help="default 4")
     gen.add_argument("--loop", action="store_true", default=None, help="closed loop: the last frames blend into the first")
     gen.add_argument("--fps", type=float, default=None, help="default 16")
+    gen.add_argument("--control", action="append", default=[], type=_control, metavar="FILE:PROCESSOR[:SCALE]",
+                     help="ControlNet file, preprocessor (none, tile, canny, lineart) and scale; repeatable")
+    gen.add_argument("--control-frames", metavar="VIDEO", help="video (or frame folder) the ControlNets follow, one "
+                                                               "frame per output frame; --frames defaults to its length")
     gen.add_argument("--recipe", metavar="VIDEO", help="render again from the recipe stored in a vidsynth video; other "
                                                         "options given override the recipe's")
     gen.add_argument("--models-dir", default=None, help="where presets are found and downloaded to (default "
@@ -192,9 +211,12 @@ def _locate_base_and_motion(base: str | None, motion: str | None, models_dir: st
 def cmd_generate(args) -> int:
     from .render import ModelSession, render, save
 
+    options, session = {}, ModelSession(args.device, args.dtype)
+    if args.control or args.control_frames:
+        options, session = _control_options(args, session)
     recipe = generate_recipe(args)
-    session = ModelSession(args.device, args.dtype)
-    frames, done = render(recipe, session, pipeline_options=image_condition_options(args, recipe, session))
+    options.update(image_condition_options(args, recipe, session))
+    frames, done = render(recipe, session, pipeline_options=options)
     out = save(frames, args.output, done)
     print(f"wrote {out}")
     return 0
@@ -230,6 +252,28 @@ def image_condition_options(args, recipe, session) -> dict:
     session.pipeline(recipe.base.path, recipe.motion.path if recipe.motion else None, (), recipe.motion_version)
     session.manager.load_models(files)
     return options
+
+
+def _control_options(args, session):
+    """--control / --control-frames: the ControlNet units go onto the session's pipeline, the frames into the call."""
+    from .pipelines.controlnet import ControlNetConfigUnit, load_units
+    from .video_io import load_video
+
+    if not (args.control and args.control_frames):
+        raise ConfigError("--control and --control-frames go together: the ControlNet file(s) and the video they "
+                          "follow")
+    frames = load_video(args.control_frames, max_frames=args.frames)  # a longer video: its first --frames frames
+    args.frames = len(frames) if args.frames is None else args.frames
+    units = [ControlNetConfigUnit(processor, path, scale) for path, processor, scale in args.control]
+    make_pipeline = session.pipeline
+
+    def pipeline(*a, **k):
+        pipe = make_pipeline(*a, **k)
+        pipe.controlnets = load_units(session.manager, units, pipe.family)
+        return pipe
+
+    session.pipeline = pipeline
+    return {"controlnet_frames": frames}, session
 
 
 def cmd_animate(args) -> int:
