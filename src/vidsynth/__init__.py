@@ -9,6 +9,7 @@ _EXPORTS = {
     "ModelManager": ".manager",
     "SDVideoPipeline": ".pipelines.sd_video",
     "SDXLVideoPipeline": ".pipelines.sdxl_video",
+    "ControlNetConfigUnit": ".pipelines.controlnet",
     "SDImagePipeline": ".pipelines.image",
     "SDXLImagePipeline": ".pipelines.image",
     "VideoData": ".video_data",

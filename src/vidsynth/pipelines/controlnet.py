@@ -140,13 +140,15 @@ class ControlNetProvider:
     """One unit's residuals per window and step (``denoiser.ControlProvider``)."""
 
     def __init__(self, unit: ControlNetUnit, hints: torch.Tensor, scale: float, start: float, end: float,
-                 steps: int):
+                 steps: int, first_step: int = 0):
         self.unit, self.hints, self.scale = unit, hints, scale
-        self.start, self.end, self.steps = start, end, steps
+        self.start, self.end, self.steps, self.first_step = start, end, steps, first_step
 
     def active(self, step: int) -> bool:
-        # diffusers' controlnet_keep: off while i / steps < start or (i + 1) / steps > end
-        return not (step / self.steps < self.start or (step + 1) / self.steps > self.end) and self.scale != 0
+        # diffusers' controlnet_keep over the steps that run (video-to-video starts late): off while
+        # i / n < start or (i + 1) / n > end
+        i, n = step - self.first_step, self.steps - self.first_step
+        return not (i / n < self.start or (i + 1) / n > self.end) and self.scale != 0
 
     def residuals(self, x, t, context, y, frames, step):
         if not self.active(step):
@@ -166,10 +168,11 @@ def preprocess(unit: ControlNetUnit, frames: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(processed).permute(0, 3, 1, 2).float() / 255
 
 
-def providers(pipe, units: Sequence[ControlNetUnit], request: ControlRequest, steps: int) -> list[ControlNetProvider]:
+def providers(pipe, units: Sequence[ControlNetUnit], request: ControlRequest, steps: int,
+              first_step: int = 0) -> list[ControlNetProvider]:
     """The conditioning stage's part: frames preprocessed once per call, on the UNet's device and dtype."""
     result = []
     for unit, frames, scale, start, end in zip(units, request.frames, request.scales, request.starts, request.ends):
         hints = preprocess(unit, frames).to(pipe.device, pipe.dtype)
-        result.append(ControlNetProvider(unit, hints, unit.scale * scale, start, end, steps))
+        result.append(ControlNetProvider(unit, hints, unit.scale * scale, start, end, steps, first_step))
     return result

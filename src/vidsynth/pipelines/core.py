@@ -15,6 +15,8 @@ from ..errors import ConfigError
 from . import ip_adapter as ip_stage
 from . import sparsectrl as sparsectrl_stage
 from .conditioning import Conditioning
+from .controlnet import control_request, load_units
+from .controlnet import providers as control_providers
 from .denoiser import WindowedDenoiser
 from .frames import frames_tensor
 from .initial import frames_per_call, initial_state
@@ -34,15 +36,17 @@ class VideoPipeline:
     conditioning_options: tuple[str, ...] = ()
     ip_adapter = image_encoder = sparsectrl = None  # image conditions, taken from the ModelManager when it holds them
 
-    def __init__(self, unet, vae, text_encoders, tokenizers, motion_modules=None, *, device=None, dtype=None):
+    def __init__(self, unet, vae, text_encoders, tokenizers, motion_modules=None, *, device=None, dtype=None,
+                 controlnets=()):
         self.unet, self.vae, self.motion_modules = unet, vae, motion_modules
+        self.controlnets = list(controlnets)  # pipelines.controlnet.ControlNetUnit
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
         param = next(unet.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self.dtype = dtype or param.dtype
 
     @classmethod
-    def from_model_manager(cls, model_manager, **kwargs):
+    def from_model_manager(cls, model_manager, controlnet_config_units=(), **kwargs):
         mm = model_manager
         missing = [n for n in cls.required_models() if mm.fetch_model(n) is None]
         if missing:
@@ -52,8 +56,9 @@ class VideoPipeline:
             raise ConfigError(f"the ModelManager holds a {mm.family} model; use "
                               f"{'SDXLVideoPipeline' if mm.family == 'sdxl' else 'SDVideoPipeline'} for it")
         encoders = [mm.fetch_model(n) for n in ("text_encoder", "text_encoder_2") if mm.fetch_model(n) is not None]
+        controlnets = load_units(mm, controlnet_config_units, cls.family) if controlnet_config_units else ()
         pipe = cls(mm.unet, mm.vae, encoders, cls.make_tokenizers(), mm.motion_modules,
-                   device=mm.device, dtype=mm.torch_dtype, **kwargs)
+                   device=mm.device, dtype=mm.torch_dtype, controlnets=controlnets, **kwargs)
         for path in getattr(mm, "textual_inversions", ()):
             pipe.load_textual_inversion(path)
         pipe.ip_adapter, pipe.image_encoder, pipe.sparsectrl = (mm.fetch_model(n) for n in
@@ -146,6 +151,9 @@ class VideoPipeline:
             context_overlap = (context_length or 16) - animatediff_stride
         defaults = self.default_sampling()
         conditioning_options = {k: options.pop(k) for k in self.conditioning_options if k in options}
+        # ControlNet first: with ControlNets loaded controlnet_conditioning_scale is theirs, else SparseCtrl's alias
+        control = control_request(self.controlnets, options, height=self.default_size if height is None else height,
+                                  width=self.default_size if width is None else width, num_frames=num_frames)
         image_prompt, keyframes = ip_stage.parse_image_prompt(options), sparsectrl_stage.pop_keyframes(options)
         config = sampler_config(defaults, sampler, options)
         if options:
@@ -160,7 +168,8 @@ class VideoPipeline:
             else:
                 frames = torch.empty(0)  # the size check reports the problem
         if num_frames is None:
-            num_frames = len(frames) if frames is not None and len(frames) else 16
+            given = frames if frames is not None else control and control.frames[0]  # start or control frames
+            num_frames = len(given) if given is not None and len(given) else 16
         if context_length is None:
             native = self.motion_modules.config.pe_length if self.motion_modules is not None else 16
             context_length = min(16, native)
@@ -174,7 +183,7 @@ class VideoPipeline:
             num_frames=num_frames, steps=defaults["steps"] if num_inference_steps is None else num_inference_steps,
             sampler=config, generator=generator, input_frames=frames, context_length=context_length,
             context_overlap=context_overlap, conditioning_options=conditioning_options, image_prompt=image_prompt,
-            keyframes=keyframes, **fields)
+            keyframes=keyframes, control=control, **fields)
 
     def run(self, request: VideoRequest):
         """The five stages of one checked request: conditioning, initial state, denoiser, sampler loop, decode."""
@@ -199,7 +208,9 @@ class VideoPipeline:
     def control_providers(self, r: VideoRequest, cond: Conditioning) -> list:
         """Control residual providers of this call (see denoiser.ControlProvider); none without control inputs.
         They read the text tokens only, as in diffusers (image-prompt tokens are for the UNet's IP-Adapter)."""
-        return ip_stage.text_only(self, r.image_prompt, sparsectrl_stage.providers(self, r))
+        controlnets = [] if r.control is None else control_providers(self, self.controlnets, r.control, r.steps,
+                                                                     r.start_step)
+        return ip_stage.text_only(self, r.image_prompt, sparsectrl_stage.providers(self, r) + controlnets)
 
     def make_denoiser(self, r: VideoRequest, cond: Conditioning) -> WindowedDenoiser:
         return WindowedDenoiser(self, cond, cfg_scale=r.cfg_scale, num_frames=r.num_frames,

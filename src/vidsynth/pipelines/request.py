@@ -43,6 +43,7 @@ class VideoRequest:
     conditioning_options: dict[str, Any] = field(default_factory=dict)  # family-specific (SDXL size / crop ids)
     image_prompt: Any = None  # pipelines.ip_adapter.ImagePrompt: IP-Adapter images and scale
     keyframes: Any = None     # pipelines.sparsectrl.Keyframes: SparseCtrl keyframes, indices and scale
+    control: Any = None       # pipelines.controlnet.ControlRequest: ControlNet frames, scales, guidance spans
 
     @property
     def use_cfg(self) -> bool:
