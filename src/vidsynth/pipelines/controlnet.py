@@ -102,13 +102,15 @@ def _per_unit(value, n: int, name: str) -> tuple[float, ...]:
 def control_request(units: Sequence[ControlNetUnit], options: dict, *, height, width,
                     num_frames: int | None) -> ControlRequest | None:
     """Pop the control arguments from ``options`` and check them against the units, before any compute."""
-    given = {k: options.pop(k) for k in CONTROL_OPTIONS if k in options}
-    frames = given.get("controlnet_frames")
     if not units:
-        if given:
-            raise ConfigError(f"{', '.join(given)} given but the pipeline has no ControlNet; build it with "
+        # controlnet_conditioning_scale is left for SparseCtrl (diffusers' name for its scale there too)
+        stray = [k for k in CONTROL_OPTIONS if k in options and k != "controlnet_conditioning_scale"]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} given but the pipeline has no ControlNet; build it with "
                               "from_model_manager(model_manager, controlnet_config_units=[ControlNetConfigUnit(...)])")
         return None
+    given = {k: options.pop(k) for k in CONTROL_OPTIONS if k in options}
+    frames = given.get("controlnet_frames")
     if frames is None:
         raise ConfigError(f"the pipeline has {len(units)} ControlNet unit(s) and needs controlnet_frames (one list of "
                           "frames for every unit, or one list per unit)")
