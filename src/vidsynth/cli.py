@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "$VIDSYNTH_MODELS_DIR or ./models)")
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                     help="default: float16 on cuda, float32 on cpu")
+                     help="default: float16 on cuda; on cpu bfloat16 where the CPU runs it natively "
+                          "(AMX / AVX-512 BF16), float32 elsewhere")
     gen.add_argument("--ip-adapter", metavar="FILE", help="IP-Adapter file (ip-adapter_sd15.bin / ip-adapter_sdxl.bin); "
                      "its image encoder is read from --ip-encoder, default image_encoder/model.safetensors next to it")
     gen.add_argument("--ip-encoder", metavar="FILE", help="the IP-Adapter's CLIP image encoder file")

@@ -24,7 +24,8 @@ def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None:
-        return torch.float16 if device.startswith("cuda") else torch.float32
+        from .runtime import default_dtype  # bfloat16 on CPUs that run it natively
+        return default_dtype(device)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import layout_of
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, ``[cos | sin]`` as in LDM."""
@@ -36,6 +38,16 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, pool_frames: int | None = No
     return y.transpose(1, 2).reshape(bf, c, *spatial)
 
 
+def norm_silu(x: torch.Tensor, norm: nn.GroupNorm, pool_frames: int | None = None) -> torch.Tensor:
+    """SiLU(GroupNorm(x)); without autograd the SiLU runs in place on the norm's fresh output (one tensor less)."""
+    return F.silu(group_norm(x, norm, pool_frames), inplace=not torch.is_grad_enabled())
+
+
+def add(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``h + other``, in place into ``h`` without autograd: ``h`` must be a fresh intermediate nobody else holds."""
+    return h.add_(other) if not torch.is_grad_enabled() else h + other
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v projections (no bias) and ``to_out.0`` (with bias)."""
 
@@ -50,9 +62,15 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``context`` may hold one entry per group of ``x.shape[0] // context.shape[0]`` consecutive batch items
+        (one per clip instead of one per frame): K/V are projected once per entry and the group's queries attend to
+        them as one long query sequence, which is the same attention (softmax is per query)."""
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        out = attention(q, k, v, self.heads)
+        b, n, inner = q.shape
+        if context.shape[0] != b:
+            q = q.reshape(context.shape[0], -1, inner)
+        out = attention(q, k, v, self.heads).reshape(b, n, inner)
         return self.to_out(out)
 
 
@@ -72,7 +90,8 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        gate = F.gelu(gate)
+        return gate.mul_(x) if not torch.is_grad_enabled() else x * gate
 
 
 class FeedForward(nn.Module):
@@ -103,10 +122,10 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Conv2d(channels, out, 1) if out != channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, pool_frames: int | None = None) -> torch.Tensor:
-        h = self.in_layers[2](F.silu(group_norm(x, self.in_layers[0], pool_frames)))
-        h = h + self.emb_layers(emb)[:, :, None, None]
-        h = self.out_layers[3](F.silu(group_norm(h, self.out_layers[0], pool_frames)))
-        return self.skip_connection(x) + h
+        h = self.in_layers[2](norm_silu(x, self.in_layers[0], pool_frames))
+        h = add(h, self.emb_layers(emb)[:, :, None, None])
+        h = self.out_layers[3](norm_silu(h, self.out_layers[0], pool_frames))
+        return add(h, self.skip_connection(x))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -120,9 +139,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        x = add(self.attn1(self.norm1(x)), x)
+        x = add(self.attn2(self.norm2(x), context), x)
+        return add(self.ff(self.norm3(x)), x)
 
 
 class SpatialTransformer(nn.Module):
@@ -152,12 +171,12 @@ class SpatialTransformer(nn.Module):
             y = block(y, context)
         if self.use_linear:
             y = self.proj_out(y)
-        # back to contiguous NCHW: a channels-last-strided tensor would make every following conv reorder its
-        # weights (oneDNN), which costs up to a third of the UNet's time on CPU
-        y = y.transpose(1, 2).reshape(b, -1, h, w).contiguous()
+        # back to the input's layout: a conv fed another layout than its weights' reorders them on every call
+        # (oneDNN), which costs up to a third of the UNet's time on CPU
+        y = y.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=layout_of(x))
         if not self.use_linear:
             y = self.proj_out(y)
-        return y + x
+        return add(y, x)
 
 
 class Downsample(nn.Module):

@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import CheckpointError, ConfigError
+from ..runtime import is_channels_last
 from .frame_windows import FrameWindows
-from .layers import Attention, FeedForward, group_norm
+from .layers import Attention, FeedForward, add, group_norm
 
 MOTION_VERSIONS = ("v1", "v2", "v3", "sdxl_beta", "animatelcm", "lightning")
 
@@ -250,13 +251,13 @@ class TemporalTransformerBlock(nn.Module):
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         for attn, norm in zip(self.attention_blocks, self.norms):
-            x = attn(norm(x)) + x
+            x = add(attn(norm(x)), x)
         return x
 
     def forward(self, x: torch.Tensor, windows: FrameWindows | None = None) -> torch.Tensor:
         # FreeNoise: the attentions run per window (positions from 0 in each), the feed-forward once over all frames
         x = self.attend(x) if windows is None else windows.fuse(x, self.attend)
-        return self.ff(self.ff_norm(x)) + x
+        return add(self.ff(self.ff_norm(x)), x)
 
 
 class TemporalTransformer(nn.Module):
@@ -283,17 +284,21 @@ class TemporalTransformer(nn.Module):
         if bf % num_frames:
             raise ConfigError(f"batch of {bf} frame latents is not a whole number of {num_frames}-frame clips")
         b = bf // num_frames
-        # channels-last inputs (from the convolutions) crash the CPU attention backward in torch 2.13
-        x = group_norm(h.contiguous(), self.norm, num_frames if self.pool_norm else None)
+        channels_last = is_channels_last(h)
+        if torch.is_grad_enabled():  # channels-last inputs crash the CPU attention backward in torch 2.13
+            h, channels_last = h.contiguous(), False
+        x = group_norm(h, self.norm, num_frames if self.pool_norm else None)
         x = x.reshape(b, num_frames, c, height, width).permute(0, 3, 4, 1, 2).reshape(b * height * width, num_frames, c)
         x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, windows)
-        x = self.proj_out(x)
-        return x.reshape(b, height, width, num_frames, c).permute(0, 3, 4, 1, 2).reshape(bf, c, height, width)
+        x = self.proj_out(x).reshape(b, height, width, num_frames, c)
+        if channels_last:  # the result in the layout of h (frames back in the batch, channels innermost)
+            return x.permute(0, 3, 1, 2, 4).reshape(bf, height, width, c).permute(0, 3, 1, 2)
+        return x.permute(0, 3, 4, 1, 2).reshape(bf, c, height, width)
 
     def forward(self, h: torch.Tensor, num_frames: int) -> torch.Tensor:
-        return h + self.delta(h, num_frames)
+        return add(self.delta(h, num_frames), h)
 
 
 class MotionModule(nn.Module):
@@ -307,7 +312,10 @@ class MotionModule(nn.Module):
                 windows: FrameWindows | None = None) -> torch.Tensor:
         """``scale``: a number, or one per frame of the clip ((num_frames,), the same for every clip in the batch)."""
         if not isinstance(scale, torch.Tensor):
-            return h if scale == 0 else h + scale * self.temporal_transformer.delta(h, num_frames, windows)
+            if scale == 0:
+                return h
+            delta = self.temporal_transformer.delta(h, num_frames, windows)
+            return add(delta if scale == 1 else delta * scale, h)
         if scale.shape != (num_frames,):
             raise ConfigError(f"a per-frame motion scale needs one value per frame ({num_frames}), got shape "
                               f"{tuple(scale.shape)}")

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -22,9 +21,10 @@ from vidsynth.models.layers import (
     ResBlock,
     SpatialTransformer,
     Upsample,
-    group_norm,
+    norm_silu,
     timestep_embedding,
 )
+from vidsynth.runtime import prepare_convolutions
 
 PREFIX = "model.diffusion_model."
 
@@ -138,6 +138,17 @@ class UNetConfig:
             use_linear_in_transformer=len(shapes["middle_block.1.proj_in.weight"]) == 2,
             adm_in_channels=shapes["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in shapes else None,
         )
+
+
+def per_clip_context(context: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """``(b*f, tokens, dim)`` -> ``(b, tokens, dim)`` when all frames of each clip share one context (the usual
+    case: one prompt per clip), so cross-attention projects K/V once per clip instead of once per frame. Contexts
+    that differ per frame, or that need their own gradient, are returned as they are."""
+    if num_frames < 2 or context.requires_grad or context.shape[0] % num_frames:
+        return context
+    clips = context.reshape(-1, num_frames, *context.shape[1:])
+    first = clips[:, :1]
+    return first[:, 0] if torch.equal(clips, first.expand_as(clips)) else context
 
 
 class UNetBlock(nn.ModuleList):
@@ -272,8 +283,9 @@ class UNetModel(nn.Module):
             need = "needs y (pooled text + time ids)" if y is None else "takes no y (it has no label_emb)"
             raise ConfigError(f"this UNet ({self.config.family}) {need}")
         dtype = self.time_embed[0].weight.dtype
+        prepare_convolutions(self, self.time_embed[0].weight)
         emb = embed(self, timesteps, y, bf, x.device)
-        context = context.to(dtype)
+        context = per_clip_context(context.to(dtype), num_frames)
         pool = num_frames if pool_resnet_norms and num_frames > 1 else None
 
         def hook(block: UNetBlock) -> MotionHook | None:
@@ -290,4 +302,4 @@ class UNetModel(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             size = skips[-1].shape[-2:] if skips else None
             h = self._run(block, h, emb, context, pool, num_frames, hook(block), size)
-        return self.out[2](F.silu(group_norm(h, self.out[0], pool)))
+        return self.out[2](norm_silu(h, self.out[0], pool)).contiguous()

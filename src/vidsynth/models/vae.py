@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..runtime import layout_of, prepare_convolutions
 from ..sampling import seeded_randn_like
-from .layers import attention
+from .layers import add, attention, norm_silu
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+        h = self.conv1(norm_silu(x, self.norm1))
+        h = self.conv2(norm_silu(h, self.norm2))
+        return add(h, self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -103,9 +104,9 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (m(y).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))
-        # contiguous NCHW again: a channels-last-strided conv input makes oneDNN reorder the weights on every call
-        out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w).contiguous()
-        return x + self.proj_out(out)
+        # the input's layout again: a conv input in another layout than the weights' makes oneDNN reorder them
+        out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w).contiguous(memory_format=layout_of(x))
+        return add(self.proj_out(out), x)
 
 
 class MidBlock(nn.Module):
@@ -172,7 +173,7 @@ class Encoder(nn.Module):
         x = self.conv_in(x)
         for level in self.down:
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+        return self.conv_out(norm_silu(self.mid(x), self.norm_out))
 
 
 class Decoder(nn.Module):
@@ -192,7 +193,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(norm_silu(x, self.norm_out))
 
 
 class AutoencoderKL(nn.Module):
@@ -216,7 +217,9 @@ class AutoencoderKL(nn.Module):
         mean, or a sample of it."""
         self._check(images, self.config.in_channels, "images")
         p = self.quant_conv.weight
-        mean, logvar = self.quant_conv(self.encoder(images.to(p.device, p.dtype))).chunk(2, dim=1)
+        prepare_convolutions(self, p)
+        moments = self.quant_conv(self.encoder(images.to(p.device, p.dtype))).contiguous()
+        mean, logvar = moments.chunk(2, dim=1)
         if not sample:
             return mean
         noise = seeded_randn_like(mean, generator)
@@ -235,6 +238,7 @@ class AutoencoderKL(nn.Module):
             self.decoder.float()
             self.post_quant_conv.float()
         p = self.post_quant_conv.weight
+        prepare_convolutions(self, p)
         z = latents.to(p.device, p.dtype)
         if tile is None:
             tile = max(z.shape[-2:]) > tile_size
@@ -244,7 +248,7 @@ class AutoencoderKL(nn.Module):
         return torch.cat([self._decode_tiled(c, tile_size, tile_overlap) for c in chunks])
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z)).contiguous()
 
     def _decode_tiled(self, z: torch.Tensor, tile_size: int, overlap: int) -> torch.Tensor:
         """Decode overlapping latent tiles on their own and blend them with cosine ramps across each overlap

@@ -1,0 +1,111 @@
+"""torch.profiler tables of one denoise step (UNet + motion modules, CFG batch) or one decoder call, ours or
+diffusers', on the random full-size files of benchmarks/generate.py (not a test).
+
+    python benchmarks/profile_parts.py unet --impl ours --dtype bfloat16          # batch 2 x 8 frames at 32x32 latents
+    python benchmarks/profile_parts.py decoder --impl diffusers --dtype bfloat16  # 8 frames 32x32 -> 256x256
+    python benchmarks/profile_parts.py unet --impl ours --time 3                  # wall time of 3 calls, no profiler
+
+One warm-up call, then the measured call(s); the table is sorted by self CPU time (top --rows ops).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from _measure import REPO, SHARED, ensure_checkpoint
+from generate import FILES, PROMPT  # noqa: F401  (same files as the end-to-end benchmark)
+
+
+def inputs(frames: int, size: int, dtype: torch.dtype, family: str):
+    g = torch.Generator().manual_seed(0)
+    n = 2 * frames
+    x = torch.randn(n, 4, size // 8, size // 8, generator=g)
+    tokens, dim = (77, 2048) if family == "sdxl" else (77, 768)
+    context = torch.randn(2, tokens, dim, generator=g).repeat_interleave(frames, dim=0)  # uncond | cond, per frame
+    y = torch.randn(2, 2816, generator=g).repeat_interleave(frames, dim=0) if family == "sdxl" else None
+    return x.to(dtype), torch.full((n,), 501.0), context.to(dtype), None if y is None else y.to(dtype)
+
+
+def ours_call(part: str, base, motion, dtype, frames, size, family):
+    from vidsynth import ModelManager
+
+    if part == "decoder":  # the VAE alone (160 MB), not the whole file
+        from vidsynth.checkpoints import load_checkpoint
+        from vidsynth.manager import build_component
+
+        ckpt, info = load_checkpoint(base)
+        vae = build_component(ckpt, info.component("vae"), dtype=dtype, device=torch.device("cpu"))
+        z = torch.randn(frames, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)) / 0.18215
+        return lambda: vae.decode(z, tile=False)
+    manager = ModelManager(torch_dtype=dtype, device="cpu")
+    manager.load_models([base, motion])
+    unet, mm = manager.unet, manager.motion_modules
+    del manager
+    x, t, context, y = inputs(frames, size, dtype, family)
+    return lambda: unet(x, t, context, y, num_frames=frames, motion=mm)
+
+
+def diffusers_call(part: str, base, motion, dtype, frames, size, family):
+    from _reference import load_components, load_motion_adapter, motion_unet
+
+    work = REPO / ".bench"
+    parts = load_components(base, family, dtype, work)
+    if part == "decoder":
+        vae = parts["vae"]
+        del parts
+        z = (torch.randn(frames, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)) / 0.18215)
+        return lambda: vae.decode(z.to(dtype)).sample
+    unet = motion_unet(parts["unet"], load_motion_adapter(motion, family, dtype, work))
+    del parts
+    x, t, context, y = inputs(frames, size, dtype, family)
+    x5 = x.reshape(2, frames, *x.shape[1:]).transpose(1, 2)  # (b, c, f, h, w)
+    ctx = context[::frames]
+    extra = {}
+    if y is not None:
+        extra = {"added_cond_kwargs": {"text_embeds": y[::frames, :1280], "time_ids": y[::frames, 1280:1286]}}
+    return lambda: unet(x5, t[:1], encoder_hidden_states=ctx, **extra).sample
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["unet", "decoder"])
+    parser.add_argument("--impl", choices=["ours", "diffusers"], default="ours")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--sdxl", action="store_true")
+    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--time", type=int, default=0, help="time this many calls instead of profiling")
+    parser.add_argument("--compile", action="store_true", help="ours: pipe-style compile of the module first")
+    parser.add_argument("--workdir", default=str(REPO / ".bench"))
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    family = "sdxl" if args.sdxl else "sd15"
+    from pathlib import Path
+    base, motion = (ensure_checkpoint(Path(args.workdir), name, dt) for name, dt in FILES[family])
+    dtype = getattr(torch, args.dtype)
+    make = ours_call if args.impl == "ours" else diffusers_call
+    call = make(args.part, base, motion, dtype, args.frames, args.size, family)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        call()
+        print(f"warm-up call: {time.perf_counter() - start:.2f} s", flush=True)
+        if args.time:
+            times = []
+            for _ in range(args.time):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            print(f"{args.impl} {args.part} {args.dtype}: " + " ".join(f"{s:.2f}" for s in times) + " s", flush=True)
+            return
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            call()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    print(f"shared: {SHARED}", flush=True)
+    main()
