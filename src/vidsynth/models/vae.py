@@ -209,6 +209,7 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.upcast_decoder = True
+        self.decode_budget_bytes = 2 * 1024 ** 3  # decoder activations per call when decode(batch_size=None)
         self.scaling_factor = 0.18215  # latent scale of SD 1.5; ModelManager sets SDXL's 0.13025 for SDXL files
 
     def encode(self, images: torch.Tensor, *, sample: bool = False,
@@ -228,7 +229,8 @@ class AutoencoderKL(nn.Module):
     def decode(self, latents: torch.Tensor, *, tile: bool | None = None, tile_size: int = 64,
                tile_overlap: int = 16, batch_size: int | None = None) -> torch.Tensor:
         """Raw latents ``(n, latent, h, w)`` -> images ``(n, out_channels, 8h, 8w)`` in the decoder's dtype.
-        ``tile=None`` tiles when h or w exceeds ``tile_size``; ``batch_size`` decodes that many frames at a time."""
+        ``tile=None`` tiles when h or w exceeds ``tile_size``; ``batch_size`` decodes that many frames at a time
+        (None: as many as fit :meth:`decode_batch_size`, so peak memory does not grow with the frame count)."""
         self._check(latents, self.config.latent_channels, "latents")
         if not 0 <= tile_overlap < tile_size:
             raise ConfigError(f"tile_overlap={tile_overlap} must be >= 0 and below tile_size={tile_size}.")
@@ -242,10 +244,18 @@ class AutoencoderKL(nn.Module):
         z = latents.to(p.device, p.dtype)
         if tile is None:
             tile = max(z.shape[-2:]) > tile_size
-        chunks = z.split(batch_size) if batch_size else (z,)
+        chunks = z.split(batch_size or self.decode_batch_size(z, tile_size if tile else None))
         if not tile:
             return torch.cat([self._decode(c) for c in chunks])
         return torch.cat([self._decode_tiled(c, tile_size, tile_overlap) for c in chunks])
+
+    def decode_batch_size(self, z: torch.Tensor, tile_size: int | None = None) -> int:
+        """Frames per decoder call so its activations stay under ``decode_budget_bytes`` whatever the frame count
+        (peak memory flat in frames): about four full-resolution tensors of ``base_channels`` live per frame."""
+        h, w = z.shape[-2:] if tile_size is None else (min(z.shape[-2], tile_size), min(z.shape[-1], tile_size))
+        s = self.config.downscale
+        per_frame = 4 * self.config.base_channels * h * s * w * s * z.element_size()
+        return max(1, min(z.shape[0], self.decode_budget_bytes // per_frame))
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z)).contiguous()
