@@ -3,7 +3,8 @@
     python benchmarks/generate.py                    # SD 1.5 + mm_sd_v15_v2, CPU, 256x256, 8 frames, 4 DDIM steps
                                                      # (dtype: the machine's best, bfloat16 on AMX / AVX-512 BF16)
     python benchmarks/generate.py --sdxl             # SDXL base + mm_sdxl_v10_beta, 2 Euler steps
-    python benchmarks/generate.py --device cuda --dtype float16 --size 512 --frames 16 --steps 25   # on a GPU
+    python benchmarks/generate.py --gpu              # on a GPU: 512x512, 16 frames, 25 steps, float16, + MFU
+                                                     # (the same as benchmarks/gpu.sh; ~3-6 min on an A100/H100)
     python benchmarks/generate.py --control          # + control_v11p_sd15_lineart.pth on random frames
 
 Weights: random full-size files in the exact layouts of v1-5-pruned-emaonly.safetensors (float16) / sd_xl_base_1.0
@@ -155,11 +156,42 @@ def diffusers(family: str, base: str, motion: str, device: str, dtype: str, size
     phases.report(totals=totals)
 
 
+# dense float16 tensor-core peaks (TFLOP/s) of common cards, for MFU; --peak-tflops overrides
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0,
+               "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0}
+# one UNet pass over one 512x512 frame (64x64 latents): SD 1.5 0.803 TFLOP, the v2 motion modules 0.306 more
+TFLOP_PER_FRAME_512 = {"sd15": 0.803 + 0.306}
+
+
+def print_gpu_rates(family: str, args, steps: int, *results) -> None:
+    """it/s per contender and MFU of the UNet forwards against the card's peak (SD 1.5 + v2 only: the per-frame
+    FLOP figure scales with the latent area)."""
+    import torch
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "?"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    per_frame = TFLOP_PER_FRAME_512.get(family)
+    for label, r in zip(("ours", "diffusers"), results):
+        if not r:
+            continue
+        unet_s, passes = r["totals"]["unet"], r["totals"]["unet#"]
+        line = f"{label}: {steps / unet_s:.2f} it/s over {passes} UNet passes ({unet_s:.1f} s)"
+        if per_frame and peak:
+            frames = passes * 2 * args.frames  # CFG: uncond + cond clips per pass
+            tflop = frames * per_frame * (args.size / 512) ** 2
+            line += f", {tflop / unet_s:.1f} TFLOP/s = MFU {tflop / unet_s / peak:.1%} of {peak:.0f} ({name})"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--sdxl", action="store_true", help="SDXL base + mm_sdxl_v10_beta (issue 5) instead of SD 1.5")
+    parser.add_argument("--gpu", action="store_true", help="the GPU setting: cuda, float16, 512x512, 16 frames, "
+                        "25 steps (explicit flags still win), with it/s and MFU")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense fp16 peak for MFU "
+                        "(default: looked up from the device name)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: what vidsynth picks for the device (vidsynth.runtime.default_dtype)")
@@ -172,6 +204,13 @@ def main() -> None:
     parser.add_argument("--only", choices=["ours", "diffusers"], help="run one contender")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench", help="where the random files are cached")
     args = parser.parse_args()
+    if args.gpu:
+        given = set(sys.argv[1:])
+        args.device = args.device if "--device" in given else "cuda"
+        args.dtype = args.dtype or "float16"
+        args.size = args.size if "--size" in given else 512
+        args.frames = args.frames if "--frames" in given else 16
+        args.steps = args.steps or 25
     family = "sdxl" if args.sdxl else "sd15"
     steps = args.steps or (2 if args.sdxl else 4)
     if args.dtype is None:
@@ -222,6 +261,9 @@ def main() -> None:
         note = "; diffusers pools the v2 motion norm over frames, the original (and ours) per frame" * (family == "sd15")
         print(f"frames {ours_frames.shape}: max |ours - diffusers| = {np.abs(ours_frames - their_frames).max():.4f} "
               f"(0..1 scale{note})")
+    if args.device.startswith("cuda"):
+        print_gpu_rates(family, args, steps, o, d)
+    if o and d:
         # issue 16's targets: denoise 1.5x in bf16 (1.2x in float32 and for SDXL), decode at least level, less RSS
         target = 1.2 if family == "sdxl" or args.dtype == "float32" else 1.5
         print(f"speed ours vs diffusers: denoise {denoise(d) / denoise(o):.2f}x (target >= {target}x), "

@@ -82,3 +82,25 @@ def test_shared_context_projected_once_per_clip(monkeypatch):
         monkeypatch.setattr(unet_module, "per_clip_context", lambda c, n: c)
         per_frame = unet(x, 500.0, context, num_frames=4, motion=motion)
     assert (shared - per_frame).abs().max() <= 1e-5 * per_frame.abs().max()
+
+
+def test_memory_switches_keep_the_frames():
+    """Model offload (here with the CPU as execution device: the hooks, the moves and the input routing run; the GPU
+    case differs only in the device), VAE slicing and tiling give the frames of the plain call; slicing decodes one
+    frame per call, tiling decodes tiles."""
+    pipe = tiny_sd15("v2").pipeline()
+    plain = frames(pipe)
+    offload = pipe.enable_model_cpu_offload("cpu")
+    assert frames(pipe).tolist() == plain.tolist() and offload.resident == [pipe.vae]
+    calls = []
+    handle = pipe.vae.decoder.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    pipe.enable_vae_slicing()
+    sliced = frames(pipe)
+    assert np.abs(sliced - plain).max() < 1e-5 and [c[0] for c in calls] == [1, 1, 1, 1]
+    calls.clear()
+    pipe.disable_vae_slicing()
+    pipe.enable_vae_tiling()
+    pipe.decode(torch.randn(1, 4, 8, 72), output_type="np", batch_size=None, tiled=None, progress_bar=False)
+    handle.remove()
+    offload.remove()
+    assert len(calls) > 1  # 72 latents wide: more than one 64-latent tile

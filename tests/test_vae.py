@@ -154,3 +154,23 @@ def test_bad_arguments(small):
         small.decode(torch.randn(1, 4, 8, 8), tile_size=8, tile_overlap=8)
     with pytest.raises(ConfigError, match="norm_groups"):
         VAEConfig(base_channels=24)
+
+
+def test_decode_batch_follows_the_memory_budget(small):
+    """decode(batch_size=None) splits the frames so each decoder call stays within ``decode_budget_bytes`` (peak
+    memory flat in the frame count); the frames are those of one whole-batch call."""
+    z = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    per_frame = 4 * small.config.base_channels * 64 * 64 * small.post_quant_conv.weight.element_size()
+    calls = []
+    handle = small.decoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    budget = small.decode_budget_bytes
+    try:
+        with torch.no_grad():
+            whole = small.decode(z, batch_size=6)
+            small.decode_budget_bytes = 2 * per_frame
+            split = small.decode(z)
+    finally:
+        small.decode_budget_bytes = budget
+        handle.remove()
+    assert calls == [6, 2, 2, 2]
+    assert torch.allclose(split, whole, atol=1e-6)

@@ -254,7 +254,7 @@ class AutoencoderKL(nn.Module):
         (peak memory flat in frames): about four full-resolution tensors of ``base_channels`` live per frame."""
         h, w = z.shape[-2:] if tile_size is None else (min(z.shape[-2], tile_size), min(z.shape[-1], tile_size))
         s = self.config.downscale
-        per_frame = 4 * self.config.base_channels * h * s * w * s * z.element_size()
+        per_frame = 4 * self.config.base_channels * h * s * w * s * self.post_quant_conv.weight.element_size()
         return max(1, min(z.shape[0], self.decode_budget_bytes // per_frame))
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .controlnet import control_request, load_units
 from .controlnet import providers as control_providers
 from .denoiser import WindowedDenoiser
 from .frames import frames_tensor
-from .initial import frames_per_call, initial_state
+from .initial import initial_state
 from .request import FALLBACK_SAMPLING, VideoRequest, check, sampler_config
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class VideoPipeline:
         param = next(unet.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self.dtype = dtype or param.dtype
+        self.vae_slicing = self.vae_tiling = False  # enable_vae_slicing() / enable_vae_tiling()
 
     @classmethod
     def from_model_manager(cls, model_manager, controlnet_config_units=(), **kwargs):
@@ -75,6 +76,27 @@ class VideoPipeline:
     def prompter(self):
         from ..textual_inversion import Prompter
         return Prompter(self)
+
+    # ------------------------------------------------------------------------- memory switches (diffusers' names)
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda"):
+        """Models wait in CPU memory and move to ``device`` when called (one at a time); see pipelines/offload.py."""
+        from .offload import enable_model_cpu_offload
+        self.offload = enable_model_cpu_offload(self, device)
+        return self.offload
+
+    def enable_vae_slicing(self) -> None:
+        """Decode one frame per VAE call (when ``vae_batch_size`` is not given)."""
+        self.vae_slicing = True
+
+    def disable_vae_slicing(self) -> None:
+        self.vae_slicing = False
+
+    def enable_vae_tiling(self) -> None:
+        """Decode in overlapping tiles whatever the size (when ``tiled`` is not given)."""
+        self.vae_tiling = True
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tiling = False
 
     @classmethod
     def required_models(cls) -> tuple[str, ...]:
@@ -254,8 +276,9 @@ class VideoPipeline:
         latents = x0 / self.vae.scaling_factor  # the VAE casts to its decoder's dtype
         pixels = latents.shape[-2] * latents.shape[-1]
         # whole frames up to SDXL's native 1024 px, as the original pipelines decode; tiles only beyond that
-        tiled = pixels > 128 * 128 if tiled is None else tiled
-        batch_size = batch_size or frames_per_call(pixels, latents.shape[0])
+        tiled = (self.vae_tiling or pixels > 128 * 128) if tiled is None else tiled
+        batch_size = batch_size or (1 if self.vae_slicing else None)
+        batch_size = batch_size or self.vae.decode_batch_size(latents, 64 if tiled else None)  # memory-bounded
         frames = []
         for start in tqdm(range(0, latents.shape[0], batch_size), desc="decoding", disable=not progress_bar):
             frames.append(self.vae.decode(latents[start:start + batch_size], tile=tiled).float().cpu())
