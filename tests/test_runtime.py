@@ -100,7 +100,8 @@ def test_memory_switches_keep_the_frames():
     calls.clear()
     pipe.disable_vae_slicing()
     pipe.enable_vae_tiling()
-    pipe.decode(torch.randn(1, 4, 8, 72), output_type="np", batch_size=None, tiled=None, progress_bar=False)
+    with torch.no_grad():
+        pipe.decode(torch.randn(1, 4, 8, 72), output_type="np", batch_size=None, tiled=None, progress_bar=False)
     handle.remove()
     offload.remove()
     assert len(calls) > 1  # 72 latents wide: more than one 64-latent tile
