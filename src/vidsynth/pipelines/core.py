@@ -176,7 +176,8 @@ class VideoPipeline:
         # ControlNet first: with ControlNets loaded controlnet_conditioning_scale is theirs, else SparseCtrl's alias
         control = control_request(self.controlnets, options, height=self.default_size if height is None else height,
                                   width=self.default_size if width is None else width, num_frames=num_frames)
-        image_prompt, keyframes = ip_stage.parse_image_prompt(options), sparsectrl_stage.pop_keyframes(options)
+        image_prompt = ip_stage.parse_image_prompt(options)
+        keyframes = sparsectrl_stage.pop_keyframes(options, self.sparsectrl is not None)
         config = sampler_config(defaults, sampler, options)
         if options:
             raise ConfigError(f"unexpected argument(s) {', '.join(sorted(options))}; sampler settings are "

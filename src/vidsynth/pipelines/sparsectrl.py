@@ -3,7 +3,8 @@
 Call arguments: ``sparsectrl_images=[image, ...]`` at ``sparsectrl_frame_indices=[i, ...]`` (one index per image,
 negative ones counted from the end, as the original's ``controlnet_image_indexs``; default 0, 1, ...) and
 ``sparsectrl_scale=1.0`` (the original's ``controlnet_conditioning_scale``). diffusers' AnimateDiffSparseControlNet
-names ``conditioning_frames`` / ``controlnet_frame_indices`` are accepted too.
+names ``conditioning_frames`` / ``controlnet_frame_indices`` / ``controlnet_conditioning_scale`` are accepted too when
+a SparseCtrl model is loaded (the last only without ControlNets, whose argument it is then).
 
 As in guoyww/AnimateDiff's pipeline: the keyframes go to their frames of an otherwise zero condition video with a
 mask that is 1 on them; RGB keyframes are VAE-encoded first (a posterior sample of ``2 * image - 1``, times the
@@ -29,11 +30,16 @@ class Keyframes:
     scale: float = 1.0
 
 
-def pop_keyframes(options: dict) -> dict:
-    """The SparseCtrl arguments popped from a call's ``options`` (checked by :func:`parse_keyframes`)."""
-    return {"images": _one_of(options, "sparsectrl_images", "conditioning_frames"),
-            "indices": _one_of(options, "sparsectrl_frame_indices", "controlnet_frame_indices"),
-            "scale": _one_of(options, "sparsectrl_scale", "controlnet_conditioning_scale")}
+def pop_keyframes(options: dict, sparsectrl_loaded: bool) -> dict:
+    """The SparseCtrl arguments popped from a call's ``options`` (checked by :func:`parse_keyframes`). diffusers'
+    names are read only when a SparseCtrl model is loaded (its ControlNet pipeline uses ``conditioning_frames`` too),
+    and ``controlnet_conditioning_scale`` only when no ControlNet took it first (the core asks the ControlNets
+    first)."""
+    aliases = (("conditioning_frames", "controlnet_frame_indices", "controlnet_conditioning_scale")
+               if sparsectrl_loaded else (None, None, None))
+    return {"images": _one_of(options, "sparsectrl_images", aliases[0]),
+            "indices": _one_of(options, "sparsectrl_frame_indices", aliases[1]),
+            "scale": _one_of(options, "sparsectrl_scale", aliases[2])}
 
 
 def parse_keyframes(raw: dict, num_frames: int, model=None) -> Keyframes | None:
@@ -67,8 +73,8 @@ def parse_keyframes(raw: dict, num_frames: int, model=None) -> Keyframes | None:
     return Keyframes(tuple(images), tuple(resolved), float(scale))
 
 
-def _one_of(options: dict, name: str, alias: str):
-    value, other = options.pop(name, None), options.pop(alias, None)
+def _one_of(options: dict, name: str, alias: str | None):
+    value, other = options.pop(name, None), options.pop(alias, None) if alias else None
     if value is not None and other is not None:
         raise ConfigError(f"give {name} or its alias {alias}, not both")
     return value if value is not None else other
