@@ -51,6 +51,19 @@ def _control(text: str) -> tuple[str, str, float]:
     return head, last, scale
 
 
+def parse_prompt_at(items: list[str], prompt: str | None = None) -> dict[int, str]:
+    """Repeated ``--prompt-at FRAME:TEXT`` as a prompt-travel dict; ``--prompt`` (if given) is frame 0's text."""
+    keyed = {0: prompt} if prompt else {}
+    for item in items:
+        frame, sep, text = item.partition(":")
+        if not sep or not frame.strip().isdigit() or not text.strip():
+            raise ConfigError(f"--prompt-at takes FRAME:TEXT (e.g. --prompt-at '24:a fox asleep'), got {item!r}")
+        if int(frame) in keyed:
+            raise ConfigError(f"--prompt-at: frame {int(frame)} has two prompts (--prompt is frame 0)")
+        keyed[int(frame)] = text.strip()
+    return dict(sorted(keyed.items()))
+
+
 DEFAULT_BASE, DEFAULT_MOTION = "StableDiffusion_v15", {"sd15": "AnimateDiff_v2", "sdxl": "AnimateDiff_xl_beta"}
 
 
@@ -68,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", default=None, type=_lora, metavar="FILE[:ALPHA]",
                      help="LoRA, MotionLoRA or domain adapter (file or preset); repeatable")
     gen.add_argument("--prompt")
+    gen.add_argument("--prompt-at", action="append", default=[], metavar="FRAME:TEXT",
+                     help="prompt travel: the prompt from this frame on (repeatable; frame 0 or --prompt starts it)")
     gen.add_argument("--negative", default=None)
     gen.add_argument("--frames", type=int, default=None, help="default 16")
     gen.add_argument("--steps", type=int, default=None, help="default: the motion module's original setting")
@@ -169,6 +184,8 @@ def generate_recipe(args):
         raise ConfigError("--strength applies to --input (the video or image to start from); give --input too")
     if args.size:
         given["width"], given["height"] = args.size
+    if args.prompt_at:
+        given["prompt"] = parse_prompt_at(args.prompt_at, args.prompt)
     given = {k: v for k, v in given.items() if v is not None}
     if args.recipe:
         from .render import read_recipe

@@ -41,7 +41,7 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class Recipe:
-    prompt: str
+    prompt: str | dict[int, str]  # a dict: prompt travel ({frame: text})
     negative_prompt: str = ""
     seed: int = 0
     sampler: str | None = None  # None: the motion module's original setting
@@ -85,8 +85,10 @@ class Recipe:
                     values[key] = ModelRef(**values[key])
             values["loras"] = tuple(ModelRef(**lora) for lora in values.get("loras") or ())
             values["sampler_options"] = dict(values.get("sampler_options") or {})
+            if isinstance(values.get("prompt"), dict):  # JSON keeps prompt-travel frames as strings
+                values["prompt"] = {int(k): v for k, v in values["prompt"].items()}
             return cls(**values)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: malformed recipe ({e})") from None
 
     @classmethod

@@ -18,8 +18,12 @@ from .conditioning import Conditioning
 from .controlnet import control_request, load_units
 from .controlnet import providers as control_providers
 from .denoiser import WindowedDenoiser
+from .diffusers_aliases import DiffusersLongVideoAliases
+from .free_init import free_init_sample
 from .frames import frames_tensor
 from .initial import initial_state
+from .long_video import long_video_fields
+from .prompt_travel import is_travel, per_frame_conditioning
 from .request import FALLBACK_SAMPLING, VideoRequest, check, sampler_config
 
 logger = logging.getLogger(__name__)
@@ -29,7 +33,7 @@ DIFFSYNTH_NO_EFFECT = ("unet_batch_size", "controlnet_batch_size", "vram_limit_l
                        "progress_bar_cmd", "progress_bar_st", "smoother_progress_ids")
 
 
-class VideoPipeline:
+class VideoPipeline(DiffusersLongVideoAliases):
     """Holds the modules of one family; subclasses say how text becomes conditioning."""
 
     family: str = ""
@@ -118,7 +122,8 @@ class VideoPipeline:
                  clip_skip: int = 1, input_frames=None, denoising_strength: float = 1.0, seed: int | None = None,
                  generator: torch.Generator | None = None, sampler: str | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", context_length: int | None = None,
-                 context_overlap: int = 4, closed_loop: bool = False, motion_scale: float = 1.0,
+                 context_overlap: int = 4, closed_loop: bool = False, motion_scale=1.0, free_noise=None,
+                 free_init=None, prompt_interpolation=None,
                  num_videos_per_prompt: int = 1, callback_on_step_end=None, progress_bar: bool = True,
                  allow_static: bool = False, vae_batch_size: int | None = None, tiled: bool | None = None,
                  animatediff_batch_size: int | None = None, animatediff_stride: int | None = None, **options):
@@ -151,7 +156,8 @@ class VideoPipeline:
                       num_inference_steps=num_inference_steps, clip_skip=clip_skip, input_frames=input_frames,
                       denoising_strength=denoising_strength, generator=generator, sampler=sampler, latents=latents,
                       output_type=output_type, context_length=context_length, context_overlap=context_overlap,
-                      closed_loop=closed_loop, motion_scale=motion_scale, callback_on_step_end=callback_on_step_end,
+                      closed_loop=closed_loop, motion_scale=motion_scale, free_noise=free_noise, free_init=free_init,
+                      prompt_interpolation=prompt_interpolation, callback_on_step_end=callback_on_step_end,
                       progress_bar=progress_bar, vae_batch_size=vae_batch_size, tiled=tiled,
                       animatediff_batch_size=animatediff_batch_size, animatediff_stride=animatediff_stride)
         requests = [self.make_request(p, n, seed=None if seed is None else seed + i, options=dict(options), **common)
@@ -165,7 +171,8 @@ class VideoPipeline:
 
     def make_request(self, prompt, negative_prompt, *, cfg_scale, height, width, num_frames, num_inference_steps,
                      seed, generator, sampler, input_frames, context_length, context_overlap, animatediff_batch_size,
-                     animatediff_stride, options, **fields) -> VideoRequest:
+                     animatediff_stride, options, motion_scale, free_noise, free_init, prompt_interpolation,
+                     **fields) -> VideoRequest:
         """The call's arguments, defaults filled in, as one request (checked separately by ``request.check``)."""
         if animatediff_batch_size is not None:  # DiffSynth's names: window length and window stride
             context_length = animatediff_batch_size
@@ -193,9 +200,14 @@ class VideoPipeline:
         if num_frames is None:
             given = frames if frames is not None else control and control.frames[0]  # start or control frames
             num_frames = len(given) if given is not None and len(given) else 16
+        native = self.motion_modules.config.pe_length if self.motion_modules is not None else 16
+        long_video = long_video_fields(
+            free_noise=self._free_noise_default if free_noise is None else free_noise,
+            free_init=self._free_init_default if free_init is None else free_init,
+            motion_scale=motion_scale, num_frames=num_frames, native_length=native)
         if context_length is None:
-            native = self.motion_modules.config.pe_length if self.motion_modules is not None else 16
-            context_length = min(16, native)
+            # FreeNoise windows inside the motion modules, so the UNet sees the whole video (as diffusers)
+            context_length = num_frames if long_video["free_noise"] is not None else min(16, native)
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         ip_stage.check_call(self, image_prompt)
@@ -206,7 +218,8 @@ class VideoPipeline:
             num_frames=num_frames, steps=defaults["steps"] if num_inference_steps is None else num_inference_steps,
             sampler=config, generator=generator, input_frames=frames, context_length=context_length,
             context_overlap=context_overlap, conditioning_options=conditioning_options, image_prompt=image_prompt,
-            keyframes=keyframes, control=control, **fields)
+            keyframes=keyframes, control=control,
+            prompt_interpolation=prompt_interpolation or self._prompt_interpolation_default, **long_video, **fields)
 
     def run(self, request: VideoRequest):
         """The five stages of one checked request: conditioning, initial state, denoiser, sampler loop, decode."""
@@ -223,9 +236,19 @@ class VideoPipeline:
 
     # ------------------------------------------------------------------------------------------------ stages
     def condition(self, r: VideoRequest) -> Conditioning:
-        prompts = [r.negative_prompt, r.prompt] if r.use_cfg else [r.prompt]
-        cond = self.encode_prompts(prompts, clip_skip=r.clip_skip, height=r.height, width=r.width,
-                                   **r.conditioning_options)
+        def encode(prompts: list[str]) -> Conditioning:
+            return self.encode_prompts(prompts, clip_skip=r.clip_skip, height=r.height, width=r.width,
+                                       **r.conditioning_options)
+
+        def text(texts: list[str]):
+            cond = encode(texts)
+            return cond.context, cond.y
+
+        if is_travel(r.prompt, r.negative_prompt):  # prompt travel: per-frame conditioning
+            cond = Conditioning(*per_frame_conditioning(text, r.prompt, r.negative_prompt, r.num_frames, r.use_cfg,
+                                                        r.prompt_interpolation))
+        else:
+            cond = encode([r.negative_prompt, r.prompt] if r.use_cfg else [r.prompt])
         return ip_stage.with_image_tokens(self, r.image_prompt, cond)
 
     def control_providers(self, r: VideoRequest, cond: Conditioning) -> list:
@@ -239,27 +262,36 @@ class VideoPipeline:
         return WindowedDenoiser(self, cond, cfg_scale=r.cfg_scale, num_frames=r.num_frames,
                                 context_length=r.context_length, context_overlap=r.context_overlap,
                                 closed_loop=r.closed_loop, motion_scale=r.motion_scale,
+                                free_noise=r.free_noise and r.free_noise.windows(),
                                 controls=self.control_providers(r, cond), start_step=r.start_step)
 
     def sample(self, r: VideoRequest, eps, noise: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
-        """The sampler loop from the request's start step, with the progress bar and the user's step callback."""
-        plan = sampling.sampling_plan(r.sampler, r.steps)
-        bar = tqdm(total=r.steps - r.start_step, desc="denoising", disable=not r.progress_bar)
+        """The sampler loop from the request's start step, with the progress bar and the user's step callback;
+        with FreeInit the loop runs several times (pipelines/free_init.py)."""
+        runs = [r.free_init.steps(r.steps, k) for k in range(r.free_init.num_iters)] if r.free_init else [r.steps]
+        bar = tqdm(total=sum(runs) - r.start_step, desc="denoising", disable=not r.progress_bar)
 
-        def after_step(i: int, x: torch.Tensor):
-            bar.update(1)
-            if r.callback_on_step_end is None:
-                return None
-            # diffusers' convention: callback(pipe, step, timestep, {"latents": ...}) -> dict, with the latents as
-            # its scheduler holds them (sigma space for the Euler samplers)
-            scale = sampling.diffusers_state_scale(r.sampler, plan.sigmas_next[i].item())
-            result = r.callback_on_step_end(self, i, plan.timesteps[i].item(), {"latents": x * scale})
-            latents = result.get("latents") if isinstance(result, dict) else None
-            return None if latents is None else latents.to(x.device, torch.float32) / scale
+        def loop(x: torch.Tensor, steps: int, iteration: int) -> torch.Tensor:
+            plan = sampling.sampling_plan(r.sampler, steps)
+            eps.step = r.start_step  # control providers count steps of this run
+
+            def after_step(i: int, x: torch.Tensor):
+                bar.update(1)
+                if r.callback_on_step_end is None:
+                    return None
+                # diffusers' convention: callback(pipe, step, timestep, {"latents": ...}) -> dict, with the latents
+                # as its scheduler holds them (sigma space for the Euler samplers)
+                scale = sampling.diffusers_state_scale(r.sampler, plan.sigmas_next[i].item())
+                result = r.callback_on_step_end(self, i, plan.timesteps[i].item(), {"latents": x * scale})
+                latents = result.get("latents") if isinstance(result, dict) else None
+                return None if latents is None else latents.to(x.device, torch.float32) / scale
+
+            return sampling.sample(r.sampler, eps, x, steps, init=init, start=r.start_step, generator=r.generator,
+                                   callback=after_step)
 
         try:
-            return sampling.sample(r.sampler, eps, noise, r.steps, init=init, start=r.start_step,
-                                   generator=r.generator, callback=after_step)
+            return free_init_sample(r.free_init, loop, noise, r.steps, generator=r.generator,
+                                    alphas_cumprod=r.sampler.schedule().alphas_cumprod)
         finally:
             bar.close()
 

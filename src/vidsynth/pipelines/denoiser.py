@@ -5,6 +5,7 @@ from typing import Protocol
 
 import torch
 
+from ..models.frame_windows import FrameWindows
 from .conditioning import Conditioning
 from .context import context_windows, window_weights
 
@@ -30,7 +31,8 @@ class WindowedDenoiser:
     the calls (the sampler calls once per step) so control providers know where in the schedule they are."""
 
     def __init__(self, pipe, cond: Conditioning, *, cfg_scale: float, num_frames: int, context_length: int,
-                 context_overlap: int, closed_loop: bool, motion_scale: float, controls=(), start_step: int = 0):
+                 context_overlap: int, closed_loop: bool, motion_scale: float | torch.Tensor, controls=(),
+                 start_step: int = 0, free_noise: FrameWindows | None = None):
         self.unet, self.motion, self.dtype, self.device = pipe.unet, pipe.motion_modules, pipe.dtype, pipe.device
         self.cond, self.cfg_scale, self.num_frames = cond, cfg_scale, num_frames
         self.windows = context_windows(num_frames, context_length, context_overlap, closed_loop)
@@ -38,11 +40,12 @@ class WindowedDenoiser:
         self.weights = window_weights(len(self.windows[0]), context_overlap if len(self.windows) > 1 else 0)
         self.weights = self.weights.to(self.device)
         self.motion_scale, self.controls, self.step = motion_scale, list(controls), start_step
+        self.free_noise = free_noise  # FreeNoise's windows inside the motion modules, or None
         self.pool_norms = self.motion is not None and self.motion.config.pool_resnet_norms
 
     def __call__(self, video: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.motion is not None:
-            self.motion.scale = self.motion_scale
+        if self.motion is not None:  # per-call settings of the motion set
+            self.motion.scale, self.motion.free_noise = self.motion_scale, self.free_noise
         x = video[0].transpose(0, 1)  # (f, 4, h, w): frames folded into the batch
         total = torch.zeros_like(x)
         weight_sum = torch.zeros(self.num_frames, device=x.device, dtype=x.dtype)
@@ -58,6 +61,8 @@ class WindowedDenoiser:
         n_cond, length = self.cond.n_cond, len(frames)
         batch = xw.to(self.dtype).repeat(n_cond, 1, 1, 1)  # clip 0 = uncond, clip 1 = cond
         context, y = self.cond.window(frames)
+        if self.motion is not None and isinstance(self.motion_scale, torch.Tensor):  # a schedule: this window's part
+            self.motion.scale = self.motion_scale[frames]
         timesteps = t.to(self.device, torch.float32).reshape(-1)[:1].expand(batch.shape[0])
         control = sum_residuals([r for c in self.controls
                                  if (r := c.residuals(batch, timesteps, context, y, frames, self.step)) is not None])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .free_noise import initial_noise
 from .request import VideoRequest
 
 ENCODE_CHUNK = 16  # frames per encoder call at most (diffusers' default chunk), fewer for large frames
@@ -34,7 +35,9 @@ def initial_state(pipe, request: VideoRequest) -> tuple[torch.Tensor, torch.Tens
     if r.start_step > 0:
         init = encode_frames(pipe.vae, r.input_frames, generator)  # the VAE moves them to its device
         init = init.transpose(0, 1).unsqueeze(0).to(pipe.device)
-    if r.latents is not None:
+    if r.free_noise is not None and init is None:  # FreeNoise's rescheduled noise (full-length latents: as they are)
+        noise = initial_noise(r.free_noise, r.latent_shape, generator=generator, latents=r.latents, device=device)
+    elif r.latents is not None:
         noise = r.latents
     elif init is not None:
         b, c, f, h, w = r.latent_shape

@@ -9,6 +9,9 @@ import torch
 
 from .. import sampling
 from ..errors import ConfigError
+from .free_init import FreeInit
+from .free_noise import FreeNoise
+from .long_video import check_long_video
 
 FALLBACK_SAMPLING = {"sampler": "ddim", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                      "timestep_spacing": "leading", "steps_offset": 1, "steps": 25, "cfg_scale": 7.5}
@@ -18,8 +21,8 @@ MAX_SIDE = 8192  # pixels; far beyond what the models were trained for, and what
 
 @dataclass(frozen=True)
 class VideoRequest:
-    prompt: str
-    negative_prompt: str
+    prompt: str | dict[int, str]  # a dict: prompt travel (keyframes)
+    negative_prompt: str | dict[int, str]
     cfg_scale: float
     height: int
     width: int
@@ -33,7 +36,10 @@ class VideoRequest:
     context_length: int = 16             # resolved against the motion module's native length
     context_overlap: int = 4
     closed_loop: bool = False
-    motion_scale: float = 1.0
+    motion_scale: float | torch.Tensor = 1.0  # a tensor: one scale per frame (a schedule)
+    free_noise: FreeNoise | None = None
+    free_init: FreeInit | None = None
+    prompt_interpolation: Callable | None = None  # prompt travel's (start, end, a, b) -> frames; None: linear
     input_frames: torch.Tensor | None = None  # (f, 3, H, W) in [-1, 1]: video-to-video / image-to-video
     denoising_strength: float = 1.0
     vae_batch_size: int | None = None
@@ -75,9 +81,6 @@ def sampler_config(defaults: dict, sampler: str | None, options: dict) -> sampli
 def check(request: VideoRequest, motion_modules, allow_static: bool) -> None:
     """Refuse a request that cannot work, before any compute. ``context_length`` must already be resolved."""
     r = request
-    if not isinstance(r.prompt, str) or not isinstance(r.negative_prompt, str):
-        raise ConfigError("prompt and negative_prompt must be strings here (a list of prompts renders one video "
-                          f"each), got {type(r.prompt).__name__} and {type(r.negative_prompt).__name__}")
     for name in ("height", "width", "num_frames", "clip_skip", "context_overlap"):
         if isinstance(getattr(r, name), bool) or not isinstance(getattr(r, name), int):
             raise ConfigError(f"{name} must be an integer, got {getattr(r, name)!r}")
@@ -89,6 +92,7 @@ def check(request: VideoRequest, motion_modules, allow_static: bool) -> None:
                           "smaller and upscale")
     if r.num_frames < 1:
         raise ConfigError(f"num_frames must be at least 1, got {r.num_frames}")
+    check_long_video(r)
     if not isinstance(r.cfg_scale, (int, float)) or not math.isfinite(r.cfg_scale) or r.cfg_scale < 0:
         raise ConfigError(f"cfg_scale must be a finite number >= 0 (1 disables classifier-free guidance), "
                           f"got {r.cfg_scale!r}")
@@ -104,6 +108,8 @@ def check(request: VideoRequest, motion_modules, allow_static: bool) -> None:
         native = max(16, r.context_length)
     else:
         native = motion_modules.config.pe_length
+    if r.free_noise is not None:  # the motion modules window inside; the UNet may see the whole video
+        native = max(native, r.num_frames)
     if not 1 <= r.context_length <= native:
         raise ConfigError(f"context_length must be between 1 and the motion module's native length {native}, "
                           f"got {r.context_length}")
