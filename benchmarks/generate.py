@@ -6,6 +6,7 @@
     python benchmarks/generate.py --gpu              # on a GPU: 512x512, 16 frames, 25 steps, float16, + MFU
                                                      # (the same as benchmarks/gpu.sh; ~3-6 min on an A100/H100)
     python benchmarks/generate.py --control          # + control_v11p_sd15_lineart.pth on random frames
+    python benchmarks/generate.py --input            # video-to-video: random frames at strength 0.6
 
 Weights: random full-size files in the exact layouts of v1-5-pruned-emaonly.safetensors (float16) / sd_xl_base_1.0
 + the motion module, written once into --workdir by ../shared/tools/make_checkpoint.py; nothing is downloaded.
@@ -67,7 +68,7 @@ def synchronizer(device: str):
 
 
 def ours(family: str, base: str, motion: str, device: str, dtype: str, size: int, frames: int, steps: int,
-         cfg: float, seed: int, save: str, controlnet: str | None = None) -> None:
+         cfg: float, seed: int, save: str, controlnet: str | None = None, strength: float | None = None) -> None:
     torch.set_grad_enabled(False)
     phases = Phases(device)
     from vidsynth import ControlNetConfigUnit, ModelManager, SDVideoPipeline, SDXLVideoPipeline
@@ -79,12 +80,15 @@ def ours(family: str, base: str, motion: str, device: str, dtype: str, size: int
         pipe = (SDXLVideoPipeline if family == "sdxl" else SDVideoPipeline).from_model_manager(
             manager, controlnet_config_units=units)
     control = {"controlnet_frames": control_frames(frames, size, seed)} if controlnet else {}
+    if strength:  # video-to-video: the frames are encoded, noise drawn from the seed (latents would be the noise)
+        control.update(input_frames=control_frames(frames, size, seed + 1), denoising_strength=strength, seed=seed)
     totals: dict[str, float] = {}
     with timed_calls(totals, "text", pipe, "encode_prompts"), \
             timed_forwards(totals, "unet", pipe.unet, synchronizer(device)), phases("text+denoise"):
         x0 = pipe(PROMPT, negative_prompt=NEGATIVE, cfg_scale=cfg, height=size, width=size, num_frames=frames,
-                  num_inference_steps=steps, sampler=SCHEDULES[family][0], latents=initial_noise(frames, size, seed),
-                  output_type="latent", progress_bar=False, **control)
+                  num_inference_steps=steps, sampler=SCHEDULES[family][0],
+                  latents=None if strength else initial_noise(frames, size, seed), output_type="latent",
+                  progress_bar=False, **control)
     with phases("decode"):
         video = pipe.decode(x0[0].transpose(0, 1), output_type="np", batch_size=8, tiled=None, progress_bar=False)
     np.save(save, video)
@@ -92,7 +96,8 @@ def ours(family: str, base: str, motion: str, device: str, dtype: str, size: int
 
 
 def diffusers(family: str, base: str, motion: str, device: str, dtype: str, size: int, frames: int, steps: int,
-              cfg: float, seed: int, save: str, workdir: str, controlnet: str | None = None) -> None:
+              cfg: float, seed: int, save: str, workdir: str, controlnet: str | None = None,
+              strength: float | None = None) -> None:
     torch.set_grad_enabled(False)
     phases = Phases(device)
     from diffusers import AnimateDiffPipeline, AnimateDiffSDXLPipeline, DDIMScheduler, EulerDiscreteScheduler
@@ -130,18 +135,27 @@ def diffusers(family: str, base: str, motion: str, device: str, dtype: str, size
             pipe = AnimateDiffControlNetPipeline(tokenizer=tokenizer, motion_adapter=adapter, scheduler=scheduler,
                                                  controlnet=net.to(torch_dtype), **parts)
         else:
+            from diffusers import AnimateDiffVideoToVideoPipeline
+
             scheduler = DDIMScheduler(num_train_timesteps=1000, **schedule)
-            pipe = AnimateDiffPipeline(tokenizer=tokenizer, motion_adapter=adapter, scheduler=scheduler, **parts)
+            cls = AnimateDiffVideoToVideoPipeline if strength else AnimateDiffPipeline
+            pipe = cls(tokenizer=tokenizer, motion_adapter=adapter, scheduler=scheduler, **parts)
         del parts
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
     totals: dict[str, float] = {}
     latents = initial_noise(frames, size, seed).to(device, torch_dtype)
     control = {"conditioning_frames": control_frames(frames, size, seed)} if controlnet else {}
+    if strength:
+        control = dict(video=control_frames(frames, size, seed + 1), strength=strength,
+                       generator=torch.Generator().manual_seed(seed))  # its frame count is the video's
+        latents = None
+    else:
+        control["num_frames"] = frames
     with timed_calls(totals, "text", pipe, "encode_prompt"), \
             timed_forwards(totals, "unet", pipe.unet, synchronizer(device)), phases("text+denoise"):
         x0 = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=cfg, height=size, width=size,
-                  num_frames=frames, num_inference_steps=steps, latents=latents, output_type="latent",
+                  num_inference_steps=steps, latents=latents, output_type="latent",
                   **control).frames
     with phases("decode"):
         if family == "sdxl":
@@ -201,6 +215,8 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--control", action="store_true", help="SD 1.5 with the lineart ControlNet (cldm .pth)")
+    parser.add_argument("--input", action="store_true", help="SD 1.5 video-to-video at strength 0.6 (diffusers' "
+                        "AnimateDiffVideoToVideoPipeline)")
     parser.add_argument("--only", choices=["ours", "diffusers"], help="run one contender")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench", help="where the random files are cached")
     args = parser.parse_args()
@@ -217,12 +233,16 @@ def main() -> None:
         from vidsynth.runtime import default_dtype
         args.dtype = str(default_dtype(args.device)).removeprefix("torch.")
 
+    if args.input and (args.sdxl or args.control):
+        raise SystemExit("--input is SD 1.5 alone: diffusers' AnimateDiff video-to-video pipeline has no SDXL or "
+                         "ControlNet variant")
     if args.control and args.sdxl:
         raise SystemExit("--control is SD 1.5 only: diffusers has no AnimateDiff SDXL ControlNet pipeline")
     base, motion = (ensure_checkpoint(args.workdir, name, dtype) for name, dtype in FILES[family])
     controlnet = ensure_checkpoint(args.workdir, *CONTROLNET) if args.control else None
     setting = (f"{family} {args.device} {args.dtype} {args.size}x{args.size} {args.frames} frames {steps} "
-               f"{SCHEDULES[family][0]} steps cfg {args.cfg}" + (" + ControlNet" if controlnet else ""))
+               f"{SCHEDULES[family][0]} steps cfg {args.cfg}" + (" + ControlNet" if controlnet else "")
+               + (" video-to-video at strength 0.6" if args.input else ""))
     print(f"{setting}; {base.name} + {motion.name}; torch {torch.__version__}, {torch.get_num_threads()} threads",
           flush=True)
     results, outputs = {}, {}
@@ -230,7 +250,8 @@ def main() -> None:
         outputs[name] = args.workdir / f"frames-{family}-{name}.npy"
         kwargs = dict(family=family, base=str(base), motion=str(motion), device=args.device, dtype=args.dtype,
                       size=args.size, frames=args.frames, steps=steps, cfg=args.cfg, seed=args.seed,
-                      save=str(outputs[name]), controlnet=controlnet and str(controlnet))
+                      save=str(outputs[name]), controlnet=controlnet and str(controlnet),
+                      strength=0.6 if args.input else None)
         if name == "diffusers":
             kwargs["workdir"] = str(args.workdir)
         results[name] = run_isolated(__file__, name, **kwargs)
