@@ -157,9 +157,12 @@ class _IPSite:
             return output
         q = module.to_q(args[0])
         k, v = self.weights.to_k_ip(image), self.weights.to_v_ip(image)
-        if k.shape[0] != q.shape[0]:  # one set of image tokens for the whole batch
-            k, v = (t.expand(q.shape[0], -1, -1) for t in (k, v))
-        extra = attention(q, k, v, module.heads)
+        b, n, inner = q.shape
+        if k.shape[0] == 1 and b != 1:  # one set of image tokens for the whole batch
+            k, v = (t.expand(b, -1, -1) for t in (k, v))
+        elif k.shape[0] != b:  # one context per clip (the UNet's per-clip K/V): the clip's frames attend as one query
+            q = q.reshape(k.shape[0], -1, inner)
+        extra = attention(q, k, v, module.heads).reshape(b, n, inner)
         return output + scale * F.linear(extra, module.to_out[0].weight)
 
     def remove(self) -> None:
