@@ -48,18 +48,22 @@ def images():
     return [Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)) for _ in range(2)]
 
 
-@pytest.fixture(scope="module")
-def pipelines():
+def with_adapter(tiny, sampler: str, version: str):
+    """Our pipeline and its diffusers twin, both carrying the same random IP-Adapter and image encoder."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    tiny = tiny_sd15("v2")
     state = tiny_adapter_state(tiny.unet)
     ours_encoder, their_encoder = image_encoders()
     ours = tiny.pipeline()
     ours.ip_adapter, ours.image_encoder = our_adapter(state), ours_encoder
-    theirs = tiny.diffusers_pipeline(scheduler("ddim", "v2"))
+    theirs = tiny.diffusers_pipeline(scheduler(sampler, version))
     theirs.register_modules(image_encoder=their_encoder, feature_extractor=CLIPImageProcessorPil())
     theirs.unet._load_ip_adapter_weights(state)
     return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    return with_adapter(tiny_sd15("v2"), "ddim", "v2")
 
 
 def test_matches_diffusers_animatediff_ip_adapter(pipelines):
@@ -118,17 +122,9 @@ def test_instant_style_scales_only_diffusers_style_block():
 
 def test_sdxl_matches_diffusers_animatediff_sdxl_ip_adapter():
     """SDXL: SDXLVideoPipeline(ipadapter_images=...) against AnimateDiffSDXLPipeline(ip_adapter_image=...), Euler."""
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from tiny_models import tiny_sdxl
 
-    tiny = tiny_sdxl()
-    state = tiny_adapter_state(tiny.unet)
-    ours_encoder, their_encoder = image_encoders()
-    ours = tiny.pipeline()
-    ours.ip_adapter, ours.image_encoder = our_adapter(state), ours_encoder
-    theirs = tiny.diffusers_pipeline(scheduler("euler", "sdxl_beta"))
-    theirs.register_modules(image_encoder=their_encoder, feature_extractor=CLIPImageProcessorPil())
-    theirs.unet._load_ip_adapter_weights(state)
+    ours, theirs = with_adapter(tiny_sdxl(), "euler", "sdxl_beta")
     theirs.set_ip_adapter_scale(0.8)
     want, _ = run_diffusers(theirs, "sdxl_beta", "euler", ip_adapter_image=images()[0])
     got = run_ours(ours, "euler", "latent", ipadapter_images=[images()[0]], ipadapter_scale=0.8)
