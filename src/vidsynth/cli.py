@@ -64,6 +64,40 @@ def parse_prompt_at(items: list[str], prompt: str | None = None) -> dict[int, st
     return dict(sorted(keyed.items()))
 
 
+def parse_options(flag: str, text: str) -> dict:
+    """``--free-noise noise_type=repeat_context,context_stride=2`` as a dict (values read as YAML scalars); an empty
+    text (the flag alone) is the defaults."""
+    import yaml
+
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} takes KEY=VALUE[,KEY=VALUE...] (e.g. {flag} method=gaussian,num_iters=2), "
+                              f"got {item!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def parse_motion_scale(items: list[str]) -> float | dict[int, float] | None:
+    """Repeated ``--motion-scale`` as one number (``1.2``) or keyframes (``0:1.0 32:1.3``)."""
+    if not items:
+        return None
+    try:
+        if len(items) == 1 and ":" not in items[0]:
+            return float(items[0])
+        keyed = {}
+        for item in items:
+            frame, sep, value = item.partition(":")
+            if not sep:
+                raise ValueError
+            keyed[int(frame)] = float(value)
+        return dict(sorted(keyed.items()))
+    except ValueError:
+        raise ConfigError(f"--motion-scale takes one SCALE or repeated FRAME:SCALE (e.g. --motion-scale 0:1.0 "
+                          f"--motion-scale 32:1.3), got {' '.join(items)!r}") from None
+
+
 DEFAULT_BASE, DEFAULT_MOTION = "StableDiffusion_v15", {"sd15": "AnimateDiff_v2", "sdxl": "AnimateDiff_xl_beta"}
 
 
@@ -97,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--context-length", type=int, default=None)
     gen.add_argument("--context-overlap", type=int, default=None, help="default 4")
     gen.add_argument("--loop", action="store_true", default=None, help="closed loop: the last frames blend into the first")
+    gen.add_argument("--free-noise", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                     help="FreeNoise for long videos (windows inside the motion modules, rescheduled noise); options "
+                          "as diffusers' enable_free_noise: context_length, context_stride, weighting_scheme, "
+                          "noise_type")
+    gen.add_argument("--free-init", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                     help="FreeInit re-noising iterations; options as diffusers' enable_free_init: num_iters, "
+                          "method, order, spatial_stop_frequency, temporal_stop_frequency, use_fast_sampling")
+    gen.add_argument("--motion-scale", action="append", default=[], metavar="SCALE|FRAME:SCALE",
+                     help="motion-module strength: one number, or keyframes (repeat FRAME:SCALE) moving linearly")
     gen.add_argument("--fps", type=float, default=None, help="default 16")
     gen.add_argument("--control", action="append", default=[], type=_control, metavar="FILE:PROCESSOR[:SCALE]",
                      help="ControlNet file, preprocessor (none, tile, canny, lineart) and scale; repeatable")
@@ -173,7 +216,12 @@ def generate_recipe(args):
     given = {"prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed, "sampler": args.sampler,
              "steps": args.steps, "cfg_scale": args.cfg, "frames": args.frames, "fps": args.fps,
              "motion_version": args.motion_version, "context_length": args.context_length,
-             "context_overlap": args.context_overlap, "closed_loop": args.loop, "strength": args.strength}
+             "context_overlap": args.context_overlap, "closed_loop": args.loop, "strength": args.strength,
+             "motion_scale": parse_motion_scale(args.motion_scale)}
+    for name in ("free_noise", "free_init"):
+        if getattr(args, name) is not None:
+            given[name] = parse_options("--" + name.replace("_", "-"), getattr(args, name))
+    _check_long_video_options(given)
     if args.input:
         from .recipe import ModelRef
 
@@ -209,6 +257,18 @@ def generate_recipe(args):
     loras = args.lora or []
     lora_paths = locate_models([path for path, _ in loras], args.models_dir, what="vidsynth generate")
     return replace(recipe, **model_refs(base, motion, [(p, a) for p, (_, a) in zip(lora_paths, loras)]))
+
+
+def _check_long_video_options(given: dict) -> None:
+    """Bad --free-noise / --free-init options are refused before any model is loaded (the motion module's native
+    length is checked later, once it is known)."""
+    from .pipelines.free_init import FreeInit
+    from .pipelines.free_noise import FreeNoise
+
+    if "free_noise" in given:
+        FreeNoise.parse(given["free_noise"], native_length=1 << 20)
+    if "free_init" in given:
+        FreeInit.parse(given["free_init"])
 
 
 def _locate_base_and_motion(base: str | None, motion: str | None, models_dir: str | None):

@@ -61,6 +61,9 @@ class Recipe:
     sampler_options: dict[str, Any] = field(default_factory=dict)  # SamplerConfig fields beyond the sampler's name
     input: ModelRef | None = None  # the video or image sampling started from (video-to-video / image-to-video)
     strength: float = 1.0  # denoising strength with an input: 1 starts from pure noise
+    motion_scale: float | dict[int, float] = 1.0  # a dict: keyframes {frame: scale}
+    free_noise: dict[str, Any] | None = None  # FreeNoise options ({} = the defaults); None: off
+    free_init: dict[str, Any] | None = None  # FreeInit options, as free_noise
     vidsynth_version: str | None = None
 
     # ------------------------------------------------------------------------------------------------ JSON
@@ -85,8 +88,9 @@ class Recipe:
                     values[key] = ModelRef(**values[key])
             values["loras"] = tuple(ModelRef(**lora) for lora in values.get("loras") or ())
             values["sampler_options"] = dict(values.get("sampler_options") or {})
-            if isinstance(values.get("prompt"), dict):  # JSON keeps prompt-travel frames as strings
-                values["prompt"] = {int(k): v for k, v in values["prompt"].items()}
+            for key in ("prompt", "motion_scale"):  # JSON keeps keyframe frames as strings
+                if isinstance(values.get(key), dict):
+                    values[key] = {int(k): v for k, v in values[key].items()}
             return cls(**values)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: malformed recipe ({e})") from None
@@ -113,6 +117,11 @@ class Recipe:
         if self.context_length:
             lines.append(f"context: {self.context_length} frames, overlap {self.context_overlap}, "
                          f"loop {self.closed_loop}")
+        if self.motion_scale != 1.0:
+            lines.append(f"motion scale: {self.motion_scale}")
+        for label, options in (("FreeNoise", self.free_noise), ("FreeInit", self.free_init)):
+            if options is not None:
+                lines.append(f"{label}: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"))
         if self.input is not None:
             lines.append(f"input: {self.input.name} (strength {self.strength:g})  sha256 {self.input.sha256}")
         for label, ref in (("base", self.base), ("motion module", self.motion)):

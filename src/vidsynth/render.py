@@ -106,6 +106,7 @@ def render(recipe: Recipe, session: ModelSession, *, progress_bar: bool = True,
                   height=done.height, width=done.width, num_frames=done.frames, num_inference_steps=done.steps,
                   seed=done.seed, sampler=done.sampler, context_length=done.context_length,
                   context_overlap=done.context_overlap, closed_loop=done.closed_loop, progress_bar=progress_bar,
+                  motion_scale=done.motion_scale, free_noise=done.free_noise, free_init=done.free_init,
                   **done.sampler_options, **(pipeline_options or {}))
     return frames, done.hashed()
 
