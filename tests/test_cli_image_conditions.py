@@ -38,7 +38,7 @@ def test_generate_with_image_prompt_and_keyframes(files, tmp_path, capsys):
               "--steps", "1", "--size", "64x48", "--device", "cpu"]
     out = tmp_path / "clip.mp4"
     code = main(common + ["--ip-adapter", str(adapter), "--ip-image", str(image), "--ip-scale", "0.7", "--sparsectrl",
-                          str(sparse), "--keyframe", f"0:{image}", f"--keyframe=-1:{image}", "-o", str(out)])
+                          str(sparse), "--keyframe", f"0:{image}", "--keyframe", f"-1:{image}", "-o", str(out)])
     assert code == 0 and video_info(out)["frames"] == 6
     conditioned, plain = tmp_path / "conditioned", tmp_path / "plain"  # PNG frames: lossless, comparable
     assert main(common + ["--ip-adapter", str(adapter), "--ip-image", str(image), "-o", str(conditioned)]) == 0

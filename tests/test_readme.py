@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from vidsynth.cli import build_parser
+from vidsynth.cli import parse_args
 from vidsynth.train.config import load_config
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -30,11 +30,10 @@ def test_python_snippets_compile():
 
 
 def test_shell_commands_parse():
-    parser = build_parser()
     for block in blocks("bash"):
         for line in block.splitlines():
             for command in re.findall(r"vidsynth (.+?)(?:\s+#.*)?$", line):
-                parser.parse_args(shlex.split(command))
+                parse_args(shlex.split(command))
 
 
 def test_lora_snippet_runs_on_tiny_files(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from .errors import ConfigError, VidsynthError
 
@@ -417,8 +418,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--keyframe -1:last.png`` as ``--keyframe=-1:last.png``: argparse takes a value starting with '-' for an
+    option unless it is a plain negative number."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in ("--keyframe", "--motion-scale") and re.match(r"-\d", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(_attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     handler = {"generate": cmd_generate, "animate": cmd_animate, "inspect": cmd_inspect, "download": cmd_download,
                "ui": cmd_ui, "train": cmd_train}
     try:
