@@ -9,6 +9,7 @@ Measured: latents <= 2.1e-6 of their scale, frames <= 2.9e-6 (tolerance 1e-4); t
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,21 +172,15 @@ def test_sdxl_union_unit_drives_the_sdxl_pipeline():
 def files_on_disk(tmp_path_factory):
     """Tiny SD 1.5 base + v2 motion module (tests/tiny_files.py), a tiny cldm ControlNet for that UNet, and the
     annotator at DiffSynth's default place, models/Annotators/sk_model.pth, under one folder."""
-    from dataclasses import replace
-
-    from test_controlnet import HINT
     from test_processors import TINY
-    from tiny_files import UNET, write_tiny_files
+    from tiny_files import write_tiny_controlnet, write_tiny_files
     from tiny_models import randomise
 
-    from vidsynth.models.controlnet import CLDM_PREFIX, ControlNet, ControlNetConfig
     from vidsynth.models.lineart import LineartGenerator
 
     root = tmp_path_factory.mktemp("controlnet_files")
     files = write_tiny_files(root)
-    net = randomise(lambda: ControlNet(ControlNetConfig(replace(UNET), HINT)), seed=7)
-    files["controlnet"] = root / "control_tiny_sd15_lineart.pth"
-    torch.save({CLDM_PREFIX + k: v for k, v in net.state_dict().items()}, files["controlnet"])
+    files["controlnet"] = write_tiny_controlnet(root / "control_tiny_sd15_lineart.pth")
     (root / "models" / "Annotators").mkdir(parents=True)
     torch.save(randomise(lambda: LineartGenerator(TINY), seed=8).state_dict(),
                root / "models" / "Annotators" / "sk_model.pth")
@@ -213,7 +208,8 @@ def test_diffsynth_surface(files_on_disk, monkeypatch):
 
 def test_cli_generate_with_control(files_on_disk, tmp_path, capsys):
     from vidsynth.cli import main
-    from vidsynth.video_io import save_video, video_info
+    from vidsynth.render import read_recipe
+    from vidsynth.video_io import load_video, save_video, video_info
 
     root, files = files_on_disk
     guide = save_video([f.resize((64, 48)) for f in control_frames(0)[:3]], tmp_path / "guide.gif", fps=8)
@@ -222,6 +218,20 @@ def test_cli_generate_with_control(files_on_disk, tmp_path, capsys):
                  "--control", f"{files['controlnet']}:tile:0.8", "--control-frames", str(guide), "--steps", "1",
                  "--size", "64x48", "--device", "cpu", "-o", str(out)])
     assert code == 0 and video_info(out)["frames"] == 3  # --frames taken from the control video
+    recipe = read_recipe(out)  # the units and the video they follow are in the recipe: --recipe renders them again
+    assert [(ref.name, ref.processor, ref.alpha) for ref in recipe.controlnets] == [
+        (Path(files["controlnet"]).name, "tile", 0.8)]
+    assert recipe.control_frames.name == "guide.gif" and recipe.control_frames.sha256
+    assert main(["inspect", str(out)]) == 0
+    assert "(tile, scale 0.8)" in capsys.readouterr().out
+    assert main(["generate", "--recipe", str(out), "--device", "cpu", "-o", str(tmp_path / "again.gif")]) == 0
+    assert all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(load_video(out), load_video(tmp_path / "again.gif")))
+    uncontrolled = tmp_path / "plain.gif"
+    assert main(["generate", "--base", str(files["base"]), "--motion", str(files["motion"]), "--prompt", "a fox",
+                 "--frames", "3", "--steps", "1", "--size", "64x48", "--device", "cpu", "-o", str(uncontrolled)]) == 0
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(load_video(out), load_video(uncontrolled)))
     code = main(["generate", "--base", str(files["base"]), "--prompt", "a fox", "--control", "x.pth:tile",
                  "-o", str(out)])
     assert code == 2 and "--control and --control-frames go together" in capsys.readouterr().err

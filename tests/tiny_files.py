@@ -57,3 +57,16 @@ def write_lora_files(folder: Path) -> dict[str, Path]:
         files[name] = folder / name
         torch.save(state, files[name])
     return files
+
+
+def write_tiny_controlnet(path: Path) -> Path:
+    """A random cldm-layout ControlNet (keys under control_model.) that fits write_tiny_files' UNet."""
+    from dataclasses import replace
+
+    from test_controlnet import HINT
+    from tiny_models import randomise
+    from vidsynth.models.controlnet import CLDM_PREFIX, ControlNet, ControlNetConfig
+
+    net = randomise(lambda: ControlNet(ControlNetConfig(replace(UNET), HINT)), seed=7)
+    torch.save({CLDM_PREFIX + k: v for k, v in net.state_dict().items()}, path)
+    return path

@@ -231,6 +231,8 @@ def generate_recipe(args):
             given["strength"] = 0.6
     elif args.strength is not None:
         raise ConfigError("--strength applies to --input (the video or image to start from); give --input too")
+    if args.control or args.control_frames:
+        given.update(control_recipe_fields(args))
     if args.size:
         given["width"], given["height"] = args.size
     if args.prompt_at:
@@ -245,6 +247,11 @@ def generate_recipe(args):
             base = find_model(recipe.base, models_dir, "base model")
             motion = recipe.motion and find_model(recipe.motion, models_dir, "motion module")
             loras = [(find_model(lora, models_dir, "LoRA"), lora.alpha) for lora in recipe.loras]
+            if "controlnets" not in given:
+                given["controlnets"] = tuple(replace(ref, path=str(find_model(ref, models_dir, "ControlNet")))
+                                             for ref in recipe.controlnets)
+                given["control_frames"] = recipe.control_frames and replace(
+                    recipe.control_frames, path=str(find_model(recipe.control_frames, models_dir, "control video")))
             return replace(recipe, **given, base=replace(recipe.base, path=str(base)),
                            motion=recipe.motion and replace(recipe.motion, path=str(motion)),
                            loras=tuple(replace(ref, path=str(path)) for ref, (path, _) in zip(recipe.loras, loras)))
@@ -272,6 +279,22 @@ def _check_long_video_options(given: dict) -> None:
         FreeInit.parse(given["free_init"])
 
 
+def control_recipe_fields(args) -> dict:
+    """--control FILE:PROCESSOR[:SCALE] (repeatable) and --control-frames VIDEO as recipe fields; without --frames
+    the video's frame count."""
+    from .recipe import ModelRef
+    from .video_io import load_video
+
+    if not (args.control and args.control_frames):
+        raise ConfigError("--control and --control-frames go together: the ControlNet file(s) and the video they "
+                          "follow")
+    fields = {"controlnets": tuple(ModelRef.of(path, scale, processor) for path, processor, scale in args.control),
+              "control_frames": ModelRef.of(args.control_frames)}
+    if args.frames is None:
+        fields["frames"] = len(load_video(args.control_frames))
+    return fields
+
+
 def _locate_base_and_motion(base: str | None, motion: str | None, models_dir: str | None):
     from .checkpoints import load_checkpoint
     from .download import locate_models
@@ -290,11 +313,9 @@ def _locate_base_and_motion(base: str | None, motion: str | None, models_dir: st
 def cmd_generate(args) -> int:
     from .render import ModelSession, render, save
 
-    options, session = {}, ModelSession(args.device, args.dtype)
-    if args.control or args.control_frames:
-        options, session = _control_options(args, session)
+    session = ModelSession(args.device, args.dtype)
     recipe = generate_recipe(args)
-    options.update(image_condition_options(args, recipe, session))
+    options = image_condition_options(args, recipe, session)
     frames, done = render(recipe, session, pipeline_options=options)
     out = save(frames, args.output, done)
     print(f"wrote {out}")
@@ -331,28 +352,6 @@ def image_condition_options(args, recipe, session) -> dict:
     session.pipeline(recipe.base.path, recipe.motion.path if recipe.motion else None, (), recipe.motion_version)
     session.manager.load_models(files)
     return options
-
-
-def _control_options(args, session):
-    """--control / --control-frames: the ControlNet units go onto the session's pipeline, the frames into the call."""
-    from .pipelines.controlnet import ControlNetConfigUnit, load_units
-    from .video_io import load_video
-
-    if not (args.control and args.control_frames):
-        raise ConfigError("--control and --control-frames go together: the ControlNet file(s) and the video they "
-                          "follow")
-    frames = load_video(args.control_frames, max_frames=args.frames)  # a longer video: its first --frames frames
-    args.frames = len(frames) if args.frames is None else args.frames
-    units = [ControlNetConfigUnit(processor, path, scale) for path, processor, scale in args.control]
-    make_pipeline = session.pipeline
-
-    def pipeline(*a, **k):
-        pipe = make_pipeline(*a, **k)
-        pipe.controlnets = load_units(session.manager, units, pipe.family)
-        return pipe
-
-    session.pipeline = pipeline
-    return {"controlnet_frames": frames}, session
 
 
 def cmd_animate(args) -> int:

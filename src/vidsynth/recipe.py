@@ -29,11 +29,12 @@ class ModelRef:
     path: str
     name: str = ""
     sha256: str | None = None
-    alpha: float | None = None  # LoRAs only
+    alpha: float | None = None  # LoRAs: the weight; ControlNets: the scale
+    processor: str | None = None  # ControlNets only: the preprocessor (canny, lineart, tile, none, ...)
 
     @classmethod
-    def of(cls, path: str | os.PathLike, alpha: float | None = None) -> "ModelRef":
-        return cls(str(path), Path(path).name, None, alpha)
+    def of(cls, path: str | os.PathLike, alpha: float | None = None, processor: str | None = None) -> "ModelRef":
+        return cls(str(path), Path(path).name, None, alpha, processor)
 
     def hashed(self) -> "ModelRef":
         return self if self.sha256 else replace(self, sha256=file_sha256(self.path))
@@ -61,6 +62,8 @@ class Recipe:
     sampler_options: dict[str, Any] = field(default_factory=dict)  # SamplerConfig fields beyond the sampler's name
     input: ModelRef | None = None  # the video or image sampling started from (video-to-video / image-to-video)
     strength: float = 1.0  # denoising strength with an input: 1 starts from pure noise
+    controlnets: tuple[ModelRef, ...] = ()  # each with its processor and scale
+    control_frames: ModelRef | None = None  # the video (or frame folder) the ControlNets follow
     motion_scale: float | dict[int, float] = 1.0  # a dict: keyframes {frame: scale}
     free_noise: dict[str, Any] | None = None  # FreeNoise options ({} = the defaults); None: off
     free_init: dict[str, Any] | None = None  # FreeInit options, as free_noise
@@ -83,10 +86,11 @@ class Recipe:
         if unknown := sorted(set(data) - known - {"format"}):
             logger.warning("%s: ignoring recipe fields this vidsynth does not know: %s", where, ", ".join(unknown))
         try:
-            for key in ("base", "motion", "input"):
+            for key in ("base", "motion", "input", "control_frames"):
                 if values.get(key) is not None:
                     values[key] = ModelRef(**values[key])
-            values["loras"] = tuple(ModelRef(**lora) for lora in values.get("loras") or ())
+            for key in ("loras", "controlnets"):
+                values[key] = tuple(ModelRef(**ref) for ref in values.get(key) or ())
             values["sampler_options"] = dict(values.get("sampler_options") or {})
             for key in ("prompt", "motion_scale"):  # JSON keeps keyframe frames as strings
                 if isinstance(values.get(key), dict):
@@ -107,7 +111,9 @@ class Recipe:
     def hashed(self) -> "Recipe":
         """The recipe with every model file's sha256 filled in (each file read once per process)."""
         return replace(self, base=self.base and self.base.hashed(), motion=self.motion and self.motion.hashed(),
-                       loras=tuple(lora.hashed() for lora in self.loras), input=self.input and self.input.hashed())
+                       loras=tuple(lora.hashed() for lora in self.loras), input=self.input and self.input.hashed(),
+                       controlnets=tuple(ref.hashed() for ref in self.controlnets),
+                       control_frames=self.control_frames and self.control_frames.hashed())
 
     def describe(self) -> str:
         """A few readable lines, as `vidsynth inspect VIDEO` prints them."""
@@ -129,6 +135,10 @@ class Recipe:
                 lines.append(f"{label}: {ref.name}  sha256 {ref.sha256}")
         for lora in self.loras:
             lines.append(f"lora: {lora.name} (weight {lora.alpha:g})  sha256 {lora.sha256}")
+        for ref in self.controlnets:
+            lines.append(f"controlnet: {ref.name} ({ref.processor}, scale {ref.alpha:g})  sha256 {ref.sha256}")
+        if self.control_frames is not None:
+            lines.append(f"control frames: {self.control_frames.name}  sha256 {self.control_frames.sha256}")
         if self.sampler_options:
             lines.append("sampler options: " + ", ".join(f"{k}={v}" for k, v in self.sampler_options.items()))
         lines.append(f"vidsynth: {self.vidsynth_version}")

@@ -45,9 +45,10 @@ class ModelSession:
 
     def pipeline(self, base: str | os.PathLike, motion: str | os.PathLike | None = None,
                  loras: list[tuple[str | os.PathLike, float]] = (), motion_version: str | None = None, *,
-                 extra: list[str | os.PathLike] = ()):
+                 extra: list[str | os.PathLike] = (), controlnets=()):
         """The pipeline over these files; ``extra`` model files (SparseCtrl, IP-Adapter, ...) are loaded once and
-        stay until the base changes."""
+        stay until the base changes; ``controlnets`` (ControlNetConfigUnit) become the pipeline's units (their files
+        stay loaded, like ``extra``)."""
         from .manager import ModelManager
 
         base_key = os.path.realpath(base)
@@ -77,7 +78,7 @@ class ModelSession:
             from .pipelines.sdxl_video import SDXLVideoPipeline as Pipeline
         else:
             from .pipelines.sd_video import SDVideoPipeline as Pipeline
-        return Pipeline.from_model_manager(manager)
+        return Pipeline.from_model_manager(manager, controlnet_config_units=controlnets)
 
 
 def render(recipe: Recipe, session: ModelSession, *, progress_bar: bool = True,
@@ -87,9 +88,16 @@ def render(recipe: Recipe, session: ModelSession, *, progress_bar: bool = True,
     ``on_step(done, total)`` is called after every sampling step."""
     if recipe.base is None:
         raise ConfigError("the recipe names no base model")
+    from .pipelines.controlnet import ControlNetConfigUnit
+
+    if bool(recipe.controlnets) != (recipe.control_frames is not None):
+        raise ConfigError("ControlNets and the control frames go together (--control FILE:PROCESSOR and "
+                          "--control-frames VIDEO)")
+    units = [ControlNetConfigUnit(ref.processor or "none", ref.path, 1.0 if ref.alpha is None else ref.alpha)
+             for ref in recipe.controlnets]
     pipe = session.pipeline(recipe.base.path, recipe.motion.path if recipe.motion else None,
                             [(lora.path, 1.0 if lora.alpha is None else lora.alpha) for lora in recipe.loras],
-                            recipe.motion_version)
+                            recipe.motion_version, controlnets=units)
     defaults = pipe.default_sampling()
     side = 1024 if pipe.family == "sdxl" else 512
     done = replace(recipe, sampler=recipe.sampler or defaults["sampler"],
@@ -99,6 +107,11 @@ def render(recipe: Recipe, session: ModelSession, *, progress_bar: bool = True,
     if done.input is not None:
         pipeline_options = {"input_frames": input_frames(done.input.path, done.frames),
                             "denoising_strength": done.strength, **(pipeline_options or {})}
+    if done.control_frames is not None:
+        from .video_io import load_video
+
+        pipeline_options = {"controlnet_frames": load_video(done.control_frames.path, max_frames=done.frames),
+                            **(pipeline_options or {})}
     if on_step is not None:
         pipeline_options = {"callback_on_step_end": lambda _pipe, step, _t, _state: on_step(step + 1, done.steps) or {},
                             **(pipeline_options or {})}
