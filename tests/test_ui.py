@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_files import write_tiny_files
+from tiny_files import write_tiny_controlnet, write_tiny_files
 from vidsynth.render import read_recipe
 from vidsynth.video_io import video_info
 
@@ -33,6 +33,7 @@ def server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ui")
     files = write_tiny_files(root / "models" / "tiny")
+    files["controlnet"] = write_tiny_controlnet(root / "models" / "tiny" / "control_tiny_sd15_tile.pth")
     (root / "models" / "junk.safetensors").write_bytes(b"not a model")  # skipped by the pickers, not an error
     port = free_port()
     app = launch(root / "models", root / "outputs", port=port, device="cpu", dtype="float32", block=False)
@@ -59,7 +60,7 @@ def set_number(page, elem_id: str, value) -> None:
 
 def pick(page, elem_id: str, option: str) -> None:
     page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=option).click()
+    page.get_by_role("option", name=option, exact=True).click()
 
 
 def test_generate_in_the_browser(server, page):
@@ -91,6 +92,41 @@ def test_generate_in_the_browser(server, page):
         "a red fox running in the snow", 11, 5, "tiny_sd15.safetensors")
     assert "seed: 11" in page.locator("#recipe textarea").input_value()
     assert page.locator("#gallery").get_by_text("a red fox running in the snow").count() >= 1
+
+
+def test_controlnet_unit_follows_an_uploaded_video(server, page, tmp_path):
+    """A ControlNet from the models folder, its preprocessor and scale, and a control video uploaded in the page:
+    the video is rendered with them (recorded in its recipe) and has the control video's frame count."""
+    import numpy as np
+
+    from vidsynth import save_video
+
+    url, root, files = server
+    guide = save_video(np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8),
+                       tmp_path / "guide.mp4", fps=8)
+    before = set((root / "outputs").glob("*.mp4"))
+    page.goto(url)
+    page.wait_for_selector("#generate")
+    pick(page, "base", "tiny/tiny_sd15.safetensors")
+    pick(page, "motion", "tiny/tiny_mm_v2.ckpt")
+    page.locator("#prompt textarea").fill("a fox following the lines")
+    for elem_id, value in {"width": 64, "height": 64, "frames": 3, "steps": 2, "seed": 5}.items():
+        set_number(page, elem_id, value)
+    page.get_by_text("ControlNet", exact=True).first.click()  # open the accordion
+    pick(page, "controlnet", "tiny/control_tiny_sd15_tile.pth")
+    pick(page, "processor", "tile")
+    page.locator("#control_video input[type=file]").set_input_files(str(guide))
+    page.wait_for_selector("#control_video video", timeout=60_000)
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "n => document.querySelectorAll('#gallery img, #gallery video').length > n", arg=len(before),
+        timeout=300_000)
+    (video,) = set((root / "outputs").glob("*.mp4")) - before
+    recipe = read_recipe(video)
+    assert [(ref.name, ref.processor, ref.alpha) for ref in recipe.controlnets] == [
+        ("control_tiny_sd15_tile.pth", "tile", 1.0)]
+    assert recipe.control_frames is not None and video_info(video)["frames"] == 3
+    page.screenshot(path=str(ARTIFACTS / "ui_controlnet.png"), full_page=True)
 
 
 def test_errors_are_messages_not_tracebacks(server, page):

@@ -30,13 +30,14 @@ class ModelFiles:
     base: list[str]
     motion: list[str]
     lora: list[str]
+    controlnet: list[str]
 
 
 def scan_models(models_dir: Path) -> ModelFiles:
     """The model files under ``models_dir`` by what they hold (paths relative to it); unreadable files are skipped."""
     from .checkpoints import load_checkpoint
 
-    found = {"base": [], "motion": [], "lora": []}
+    found = {"base": [], "motion": [], "lora": [], "controlnet": []}
     for path in sorted(p for p in models_dir.rglob("*") if p.suffix.lower() in MODEL_SUFFIXES and p.is_file()):
         try:
             _, info = load_checkpoint(path)
@@ -44,7 +45,8 @@ def scan_models(models_dir: Path) -> ModelFiles:
             logger.info("models folder: skipping %s (%s)", path, e)
             continue
         kind = ("base" if info.kind in ("sd15", "sdxl") else "motion" if info.kind == "motion_module"
-                else "lora" if info.kind.startswith(LORA_KINDS) else None)
+                else "lora" if info.kind.startswith(LORA_KINDS) else "controlnet" if info.kind == "controlnet"
+                else None)
         if kind:
             found[kind].append(str(path.relative_to(models_dir)))
     return ModelFiles(**found)
@@ -88,7 +90,7 @@ class Studio:
 
         lora_values, rest = values[:2 * LORA_SLOTS], values[2 * LORA_SLOTS:]
         (prompt, negative, sampler, steps, cfg, width, height, frames, seed, fps, context_length, context_overlap,
-         loop, video_format, input_video, strength) = rest
+         loop, video_format, input_video, strength, controlnet, processor, control_scale, control_video) = rest
         if not base:
             raise ConfigError(f"pick a base model (none found in {self.models_dir}: put an SD 1.5 / SDXL checkpoint "
                               "there or run `vidsynth download sd-v1-5`)")
@@ -103,10 +105,21 @@ class Studio:
                         motion=ModelRef.of(self.models_dir / motion) if motion and motion != NONE else None,
                         loras=loras, context_length=int(context_length) or None,
                         context_overlap=int(context_overlap), closed_loop=bool(loop),
-                        input=ModelRef.of(input_video) if input_video else None, strength=float(strength))
+                        input=ModelRef.of(input_video) if input_video else None, strength=float(strength),
+                        **self.control_fields(controlnet, processor, control_scale, control_video))
         video, done = render(recipe, self.session, on_step=on_step)
         out = save(video, self.outputs_dir / output_name(prompt, done.seed, f".{video_format}"), done)
         return str(out), str(out), done.describe(), gallery(self.outputs_dir)
+
+    def control_fields(self, controlnet, processor, scale, video) -> dict:
+        from .recipe import ModelRef
+
+        if not controlnet or controlnet == NONE:
+            return {}
+        if not video:
+            raise ConfigError("a ControlNet follows a video: upload the control video too (or pick no ControlNet)")
+        return {"controlnets": (ModelRef.of(self.models_dir / controlnet, float(scale), processor),),
+                "control_frames": ModelRef.of(video)}
 
 
 def takes(argument: str) -> bool:
@@ -125,6 +138,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
     except ImportError:
         raise VidsynthError("the web UI needs Gradio: pip install 'vidsynth[ui]'") from None
     from .download import default_models_dir
+    from .processors import PROCESSOR_IDS
     from .sampling import SAMPLERS
 
     models = Path(models_dir) if models_dir is not None else default_models_dir()
@@ -132,7 +146,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
     outputs.mkdir(parents=True, exist_ok=True)
     studio = Studio(models, outputs, device, dtype)
 
-    files = scan_models(models) if models.is_dir() else ModelFiles([], [], [])
+    files = scan_models(models) if models.is_dir() else ModelFiles([], [], [], [])
 
     def run(*values, progress=gr.Progress()):
         on_step = (lambda done, total: progress((done, total), desc="denoising")) if takes("callback_on_step_end") \
@@ -185,6 +199,15 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                     input_video = gr.Video(label="Input video", sources=["upload"], elem_id="input_video")
                     strength = gr.Slider(0, 1, value=0.7, step=0.05, label="Strength (0 keeps it, 1 from noise)",
                                          elem_id="strength")
+                with gr.Accordion("ControlNet", open=False, visible=bool(files.controlnet)):
+                    controlnet = gr.Dropdown([NONE, *files.controlnet], value=NONE, label="ControlNet",
+                                             elem_id="controlnet")
+                    with gr.Row():
+                        processor = gr.Dropdown(list(PROCESSOR_IDS), value="none", label="Preprocessor",
+                                                elem_id="processor")
+                        control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Scale", elem_id="control_scale")
+                    control_video = gr.Video(label="Control video (its frames, one per output frame)",
+                                             sources=["upload"], elem_id="control_video")
                 video_format = gr.Radio(["mp4", "webm", "gif", "webp"], value="mp4", label="Format", elem_id="format")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
@@ -197,7 +220,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
         dice.click(lambda: random.randrange(2**32), outputs=seed)
         go.click(run, inputs=[base, motion, *lora_inputs, prompt, negative, sampler, steps, cfg, width, height,
                               frames, seed, fps, context_length, context_overlap, loop, video_format, input_video,
-                              strength],
+                              strength, controlnet, processor, control_scale, control_video],
                  outputs=[result, download, settings, history])
     app.queue()
     app.vidsynth_paths = [str(outputs.resolve())]
