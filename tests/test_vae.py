@@ -160,7 +160,7 @@ def test_decode_batch_follows_the_memory_budget(small):
     """decode(batch_size=None) splits the frames so each decoder call stays within ``decode_budget_bytes`` (peak
     memory flat in the frame count); the frames are those of one whole-batch call."""
     z = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    per_frame = 4 * small.config.base_channels * 64 * 64 * small.post_quant_conv.weight.element_size()
+    per_frame = 6 * small.config.base_channels * 64 * 64 * small.post_quant_conv.weight.element_size()
     calls = []
     handle = small.decoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     budget = small.decode_budget_bytes

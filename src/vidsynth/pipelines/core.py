@@ -312,15 +312,19 @@ class VideoPipeline(DiffusersLongVideoAliases):
         tiled = (self.vae_tiling or pixels > 128 * 128) if tiled is None else tiled
         batch_size = batch_size or (1 if self.vae_slicing else None)
         batch_size = batch_size or self.vae.decode_batch_size(latents, 64 if tiled else None)  # memory-bounded
-        frames = []
+        # each batch goes to the output format as it comes: no whole video in the decoder's dtype or in [-1, 1]
+        pil, video = [], None
         for start in tqdm(range(0, latents.shape[0], batch_size), desc="decoding", disable=not progress_bar):
-            frames.append(self.vae.decode(latents[start:start + batch_size], tile=tiled).float().cpu())
-        images = torch.cat(frames)  # (f, 3, H, W) in [-1, 1]
-        if output_type == "np":
-            return ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-        if output_type == "pt":
-            return (images.clamp(-1, 1) + 1) / 2
-        return frames_to_pil(images)
+            images = self.vae.decode(latents[start:start + batch_size], tile=tiled)  # (n, 3, H, W) in [-1, 1]
+            if output_type == "pil":
+                pil += frames_to_pil(images)
+                continue
+            if video is None:
+                video = torch.empty((latents.shape[0], *images.shape[1:]))
+            video[start:start + len(images)] = images.float().clamp_(-1, 1).add_(1).div_(2)
+        if output_type == "pil":
+            return pil
+        return video.permute(0, 2, 3, 1).numpy() if output_type == "np" else video
 
     # --------------------------------------------------------------------------------------------- checks
     def check_motion_fits(self, motion) -> None:
