@@ -107,6 +107,37 @@ def test_conversion_through_the_chunk_buffer_is_exact(tmp_path, target):
     assert torch.equal(ckpt.tensor("big"), big)
 
 
+def _resident_bytes_of(path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line: range, perms, offset, dev, inode, path
+                inside = len(fields) == 6 and fields[5] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux /proc/self/smaps")
+def test_converted_ckpt_tensors_release_their_file_pages(tmp_path):
+    """A converting load of a memory-mapped .ckpt gives back each stored tensor's pages once it is copied (the mapping
+    would otherwise hold the whole float32 file resident), and the stored values stay readable afterwards."""
+    big, other = torch.randn(4, 1_000_000), torch.randn(1000, 1000)
+    state = {"big": big, "tied": big, "other": other, "small": torch.randn(7)}  # "tied" shares big's storage
+    path = tmp_path / "mm.ckpt"
+    torch.save(state, path)
+    ckpt = Checkpoint(path)
+    assert sum(float(t.sum()) for t in ckpt._tensors.values()) != 0  # every page touched
+    assert _resident_bytes_of(path) > 15_000_000
+    converted = ckpt.state_dict(dtype=torch.bfloat16)
+    assert _resident_bytes_of(path) < 200_000
+    for key, t in state.items():
+        assert torch.equal(converted[key], t.to(torch.bfloat16)), key
+        assert torch.equal(ckpt.tensor(key), t), key  # dropped pages are read from the file again
+
+
 def test_unsigned_and_float8_dtypes_read_back(tmp_path):
     tensors = {"u16": torch.tensor([0, 65535], dtype=torch.uint16),
                "u32": torch.tensor([7, 2**32 - 1], dtype=torch.uint32),
