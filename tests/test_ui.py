@@ -63,15 +63,20 @@ def pick(page, elem_id: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def test_generate_in_the_browser(server, page):
-    url, root, files = server
+def fill_form(page, url: str, prompt: str, frames: int, steps: int, seed: int) -> None:
+    """Open the page and fill in the tiny models, the prompt and a 64x64 size."""
     page.goto(url)
     page.wait_for_selector("#generate")
     pick(page, "base", "tiny/tiny_sd15.safetensors")
     pick(page, "motion", "tiny/tiny_mm_v2.ckpt")
-    page.locator("#prompt textarea").fill("a red fox running in the snow")
-    for elem_id, value in {"width": 64, "height": 64, "frames": 4, "steps": 5, "seed": 11}.items():
+    page.locator("#prompt textarea").fill(prompt)
+    for elem_id, value in {"width": 64, "height": 64, "frames": frames, "steps": steps, "seed": seed}.items():
         set_number(page, elem_id, value)
+
+
+def test_generate_in_the_browser(server, page):
+    url, root, files = server
+    fill_form(page, url, "a red fox running in the snow", frames=4, steps=5, seed=11)
     page.locator("#generate").click()
     # the sampler's steps show as a progress bar on the page while it runs
     page.wait_for_function("() => /denoising/.test(document.querySelector('#result').innerText)", timeout=300_000)
@@ -105,13 +110,7 @@ def test_controlnet_unit_follows_an_uploaded_video(server, page, tmp_path):
     guide = save_video(np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8),
                        tmp_path / "guide.mp4", fps=8)
     before = set((root / "outputs").glob("*.mp4"))
-    page.goto(url)
-    page.wait_for_selector("#generate")
-    pick(page, "base", "tiny/tiny_sd15.safetensors")
-    pick(page, "motion", "tiny/tiny_mm_v2.ckpt")
-    page.locator("#prompt textarea").fill("a fox following the lines")
-    for elem_id, value in {"width": 64, "height": 64, "frames": 3, "steps": 2, "seed": 5}.items():
-        set_number(page, elem_id, value)
+    fill_form(page, url, "a fox following the lines", frames=3, steps=2, seed=5)
     page.get_by_text("ControlNet", exact=True).first.click()  # open the accordion
     pick(page, "controlnet", "tiny/control_tiny_sd15_tile.pth")
     pick(page, "processor", "tile")
