@@ -139,8 +139,8 @@ STAND_INS = {
 SHARED_CONFIGS = SHARED / "animatediff-prompt-configs"
 # bfloat16 (this CPU's fast dtype) and float16 DreamBooth stand-ins, as the real ToonYou / RealisticVision files are:
 # the same layouts and code paths at a third of float32's time (these configs were ~7 of the suite's 18 minutes)
-DTYPE = ["--device", "cpu", "--dtype", "bfloat16"]
-FULL = ["--W", "64", "--H", "64", "--L", "4", "--steps", "2", *DTYPE]
+CPU_BF16 = ["--device", "cpu", "--dtype", "bfloat16"]
+FULL = ["--W", "64", "--H", "64", "--L", "4", "--steps", "2", *CPU_BF16]
 STAND_IN_DTYPES = {"v1-5-pruned-emaonly.safetensors": "float16"}
 
 
@@ -220,7 +220,7 @@ def test_full_size_original_configs_as_they_are(original_layout, name, monkeypat
             "--fps", "8", "-o", str(out / "g.gif")]
     for lora in recipe.loras:
         args += ["--lora", f"{lora.path}:{lora.alpha}"]
-    run = bigmem(args + ["--size", "64x64", "--frames", "4", "--steps", "2", *DTYPE],
+    run = bigmem(args + ["--size", "64x64", "--frames", "4", "--steps", "2", *CPU_BF16],
                  root)
     assert run.returncode == 0, run.stderr[-3000:]
     again = load_video(out / "g.gif")

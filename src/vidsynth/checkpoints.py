@@ -235,13 +235,13 @@ def _release_file_pages(t: torch.Tensor) -> None:
     """Drop the resident pages wholly inside ``t``, a tensor on a private, never-written mapping of a file: the
     kernel reads them from the file again if they are touched (Linux MADV_DONTNEED), so the data stay valid."""
     madvise = _madvise()
-    if madvise is None:
+    if madvise is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
     page = mmap.PAGESIZE
     begin = -(-t.data_ptr() // page) * page
     end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
     if end > begin:
-        madvise(begin, end - begin, 4)  # MADV_DONTNEED
+        madvise(begin, end - begin, mmap.MADV_DONTNEED)
 
 
 def _flatten_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:

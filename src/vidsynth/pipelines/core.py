@@ -318,10 +318,10 @@ class VideoPipeline(DiffusersLongVideoAliases):
             images = self.vae.decode(latents[start:start + batch_size], tile=tiled)  # (n, 3, H, W) in [-1, 1]
             if output_type == "pil":
                 pil += frames_to_pil(images)
-                continue
-            if video is None:
-                video = torch.empty((latents.shape[0], *images.shape[1:]))
-            video[start:start + len(images)] = images.float().clamp_(-1, 1).add_(1).div_(2)
+            else:
+                if video is None:
+                    video = torch.empty((latents.shape[0], *images.shape[1:]))
+                video[start:start + len(images)] = images.float().clamp_(-1, 1).add_(1).div_(2)
         if output_type == "pil":
             return pil
         return video.permute(0, 2, 3, 1).numpy() if output_type == "np" else video
