@@ -4,6 +4,7 @@ diffusers', on the random full-size files of benchmarks/generate.py (not a test)
     python benchmarks/profile_parts.py unet --impl ours --dtype bfloat16          # batch 2 x 8 frames at 32x32 latents
     python benchmarks/profile_parts.py decoder --impl diffusers --dtype bfloat16  # 8 frames 32x32 -> 256x256
     python benchmarks/profile_parts.py unet --impl ours --time 3                  # wall time of 3 calls, no profiler
+    python benchmarks/profile_parts.py decoder --frames 16 --batch-size 4 --time 2  # ours: 4 frames per decoder call
 
 One warm-up call, then the measured call(s); the table is sorted by self CPU time (top --rows ops).
 """
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from _measure import REPO, SHARED, ensure_checkpoint
+from _measure import REPO, SHARED, current_rss, ensure_checkpoint, peak_rss, reset_peak_rss
 from generate import FILES, PROMPT  # noqa: F401  (same files as the end-to-end benchmark)
 
 
@@ -28,7 +29,7 @@ def inputs(frames: int, size: int, dtype: torch.dtype, family: str):
     return x.to(dtype), torch.full((n,), 501.0), context.to(dtype), None if y is None else y.to(dtype)
 
 
-def ours_call(part: str, base, motion, dtype, frames, size, family):
+def ours_call(part: str, base, motion, dtype, frames, size, family, batch_size=None):
     from vidsynth import ModelManager
 
     if part == "decoder":  # the VAE alone (160 MB), not the whole file
@@ -38,7 +39,7 @@ def ours_call(part: str, base, motion, dtype, frames, size, family):
         ckpt, info = load_checkpoint(base)
         vae = build_component(ckpt, info.component("vae"), dtype=dtype, device=torch.device("cpu"))
         z = torch.randn(frames, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)) / 0.18215
-        return lambda: vae.decode(z, tile=False)
+        return lambda: vae.decode(z, tile=False, batch_size=batch_size)  # None: the byte budget decides
     manager = ModelManager(torch_dtype=dtype, device="cpu")
     manager.load_models([base, motion])
     unet, mm = manager.unet, manager.motion_modules
@@ -47,7 +48,7 @@ def ours_call(part: str, base, motion, dtype, frames, size, family):
     return lambda: unet(x, t, context, y, num_frames=frames, motion=mm)
 
 
-def diffusers_call(part: str, base, motion, dtype, frames, size, family):
+def diffusers_call(part: str, base, motion, dtype, frames, size, family, batch_size=None):
     from _reference import load_components, load_motion_adapter, motion_unet
 
     work = REPO / ".bench"
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--sdxl", action="store_true")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--time", type=int, default=0, help="time this many calls instead of profiling")
-    parser.add_argument("--compile", action="store_true", help="ours: pipe-style compile of the module first")
+    parser.add_argument("--batch-size", type=int, help="ours, decoder: frames per decoder call (default: the budget)")
     parser.add_argument("--workdir", default=str(REPO / ".bench"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -87,18 +88,23 @@ def main() -> None:
     base, motion = (ensure_checkpoint(Path(args.workdir), name, dt) for name, dt in FILES[family])
     dtype = getattr(torch, args.dtype)
     make = ours_call if args.impl == "ours" else diffusers_call
-    call = make(args.part, base, motion, dtype, args.frames, args.size, family)
+    if args.batch_size and (args.impl, args.part) != ("ours", "decoder"):
+        parser.error("--batch-size applies to --impl ours decoder only")
+    call = make(args.part, base, motion, dtype, args.frames, args.size, family, args.batch_size)
     with torch.inference_mode():
         start = time.perf_counter()
         call()
         print(f"warm-up call: {time.perf_counter() - start:.2f} s", flush=True)
         if args.time:
-            times = []
+            times, before, exact = [], current_rss(), reset_peak_rss()
             for _ in range(args.time):
                 start = time.perf_counter()
                 call()
                 times.append(time.perf_counter() - start)
-            print(f"{args.impl} {args.part} {args.dtype}: " + " ".join(f"{s:.2f}" for s in times) + " s", flush=True)
+            grown = (peak_rss() - before) / 2**20  # what the calls added on top of the loaded weights
+            print(f"{args.impl} {args.part} {args.dtype}: " + " ".join(f"{s:.2f}" for s in times) + " s, peak RSS "
+                  f"+{grown:.0f} MiB over the weights" + ("" if exact else " (process peak: no per-phase reset)"),
+                  flush=True)
             return
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:

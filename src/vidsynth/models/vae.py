@@ -209,7 +209,8 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.upcast_decoder = True
-        # decoder activations per call when decode(batch_size=None); smaller batches decode no slower on a CPU
+        # decoder activations per call when decode(batch_size=None); on a CPU smaller batches decode no slower
+        # (profile_parts.py decoder, 256x256 bf16: 16 frames in batches of 2-4 took 21-23 s, in one of 16 29-36 s)
         self.decode_budget_bytes = 512 * 1024 ** 2
         self.scaling_factor = 0.18215  # latent scale of SD 1.5; ModelManager sets SDXL's 0.13025 for SDXL files
 
@@ -253,7 +254,8 @@ class AutoencoderKL(nn.Module):
     def decode_batch_size(self, z: torch.Tensor, tile_size: int | None = None) -> int:
         """Frames per decoder call so its activations stay under ``decode_budget_bytes`` whatever the frame count
         (peak memory flat in frames). The decoder's peak is about six full-resolution tensors of ``base_channels``
-        per frame (measured: 96-100 MB per 256x256 frame in bfloat16 with the SD VAE)."""
+        per frame (94-97 MB per 256x256 frame in bfloat16 with the SD VAE:
+        ``benchmarks/profile_parts.py decoder --frames 16 --batch-size N --time 2``)."""
         h, w = z.shape[-2:] if tile_size is None else (min(z.shape[-2], tile_size), min(z.shape[-1], tile_size))
         s = self.config.downscale
         per_frame = 6 * self.config.base_channels * h * s * w * s * self.post_quant_conv.weight.element_size()
