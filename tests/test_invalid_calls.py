@@ -149,7 +149,7 @@ ROWS = [
     ("training config missing", lambda c: load_config(c.tmp / "none.yaml"), ConfigError, r"does not exist"),
     # ---- CLI (exit status 2 and the message on stderr)
     ("CLI: inspect a missing file", lambda c: c.cli("inspect", str(c.tmp / "absent.ckpt")), 2, r"no such file"),
-    ("CLI: unknown preset", lambda c: c.cli("download", "tiny_v9"), 1, r"tiny_v9.*did you mean tiny"),
+    ("CLI: unknown preset", lambda c: c.cli("download", "tiny_v9"), 2, r"tiny_v9.*did you mean tiny"),
     ("CLI: size that is not WxH", lambda c: c.cli("generate", "--prompt", "x", "--size", "big"), 2,
      r"512x512"),
     ("CLI: unknown training stage", lambda c: c.cli("train", "everything", "--config", "x.yaml"), 2,

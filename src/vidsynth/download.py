@@ -502,7 +502,7 @@ def run_cli(names: list[str], list_only: bool, models_dir: str) -> int:
     try:
         for path in download_models(names, models_dir):
             print(path)
-    except VidsynthError as e:
+    except VidsynthError as e:  # bad input (an unknown name, a broken preset table) is 2 as in the other commands
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
     return 0
