@@ -7,6 +7,8 @@
                                                      # (the same as benchmarks/gpu.sh; ~3-6 min on an A100/H100)
     python benchmarks/generate.py --control          # + control_v11p_sd15_lineart.pth on random frames
     python benchmarks/generate.py --input            # video-to-video: random frames at strength 0.6
+    python benchmarks/generate.py --compile ours     # pipe.compile() (inductor) against diffusers eager;
+                                                     # --compile both: torch.compile of diffusers' UNet too
 
 Weights: random full-size files in the exact layouts of v1-5-pruned-emaonly.safetensors (float16) / sd_xl_base_1.0
 + the motion module, written once into --workdir by ../shared/tools/make_checkpoint.py; nothing is downloaded.
@@ -67,8 +69,15 @@ def synchronizer(device: str):
     return torch.cuda.synchronize if device.startswith("cuda") else None
 
 
+def warm_up(phases: Phases, generate, decode) -> None:
+    """--compile: one untimed-for-the-table call of each compiled part (what compiling costs a first run)."""
+    with phases("compile warm-up"):
+        decode(generate())
+
+
 def ours(family: str, base: str, motion: str, device: str, dtype: str, size: int, frames: int, steps: int,
-         cfg: float, seed: int, save: str, controlnet: str | None = None, strength: float | None = None) -> None:
+         cfg: float, seed: int, save: str, controlnet: str | None = None, strength: float | None = None,
+         compile: bool = False) -> None:
     torch.set_grad_enabled(False)
     phases = Phases(device)
     from vidsynth import ControlNetConfigUnit, ModelManager, SDVideoPipeline, SDXLVideoPipeline
@@ -82,22 +91,32 @@ def ours(family: str, base: str, motion: str, device: str, dtype: str, size: int
     control = {"controlnet_frames": control_frames(frames, size, seed)} if controlnet else {}
     if strength:  # video-to-video: the frames are encoded, noise drawn from the seed (latents would be the noise)
         control.update(input_frames=control_frames(frames, size, seed + 1), denoising_strength=strength, seed=seed)
+
+    def generate():
+        return pipe(PROMPT, negative_prompt=NEGATIVE, cfg_scale=cfg, height=size, width=size, num_frames=frames,
+                    num_inference_steps=steps, sampler=SCHEDULES[family][0],
+                    latents=None if strength else initial_noise(frames, size, seed), output_type="latent",
+                    progress_bar=False, **control)
+
+    def decode(x0):
+        return pipe.decode(x0[0].transpose(0, 1), output_type="np", batch_size=8, tiled=None, progress_bar=False)
+
+    if compile:
+        pipe.compile()
+        warm_up(phases, generate, decode)
     totals: dict[str, float] = {}
     with timed_calls(totals, "text", pipe, "encode_prompts"), \
             timed_forwards(totals, "unet", pipe.unet, synchronizer(device)), phases("text+denoise"):
-        x0 = pipe(PROMPT, negative_prompt=NEGATIVE, cfg_scale=cfg, height=size, width=size, num_frames=frames,
-                  num_inference_steps=steps, sampler=SCHEDULES[family][0],
-                  latents=None if strength else initial_noise(frames, size, seed), output_type="latent",
-                  progress_bar=False, **control)
+        x0 = generate()
     with phases("decode"):
-        video = pipe.decode(x0[0].transpose(0, 1), output_type="np", batch_size=8, tiled=None, progress_bar=False)
+        video = decode(x0)
     np.save(save, video)
     phases.report(totals=totals)
 
 
 def diffusers(family: str, base: str, motion: str, device: str, dtype: str, size: int, frames: int, steps: int,
               cfg: float, seed: int, save: str, workdir: str, controlnet: str | None = None,
-              strength: float | None = None) -> None:
+              strength: float | None = None, compile: bool = False) -> None:
     torch.set_grad_enabled(False)
     phases = Phases(device)
     from diffusers import AnimateDiffPipeline, AnimateDiffSDXLPipeline, DDIMScheduler, EulerDiscreteScheduler
@@ -147,17 +166,17 @@ def diffusers(family: str, base: str, motion: str, device: str, dtype: str, size
     latents = initial_noise(frames, size, seed).to(device, torch_dtype)
     control = {"conditioning_frames": control_frames(frames, size, seed)} if controlnet else {}
     if strength:
-        control = dict(video=control_frames(frames, size, seed + 1), strength=strength,
-                       generator=torch.Generator().manual_seed(seed))  # its frame count is the video's
+        control = dict(video=control_frames(frames, size, seed + 1), strength=strength)  # its frame count
         latents = None
     else:
         control["num_frames"] = frames
-    with timed_calls(totals, "text", pipe, "encode_prompt"), \
-            timed_forwards(totals, "unet", pipe.unet, synchronizer(device)), phases("text+denoise"):
-        x0 = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=cfg, height=size, width=size,
-                  num_inference_steps=steps, latents=latents, output_type="latent",
-                  **control).frames
-    with phases("decode"):
+
+    def generate():
+        seeded = {"generator": torch.Generator().manual_seed(seed)} if strength else {}  # the same noise every call
+        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=cfg, height=size, width=size,
+                    num_inference_steps=steps, latents=latents, output_type="latent", **control, **seeded).frames
+
+    def decode(x0):
         if family == "sdxl":
             if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:  # as the pipeline itself does
                 pipe.upcast_vae()
@@ -165,7 +184,16 @@ def diffusers(family: str, base: str, motion: str, device: str, dtype: str, size
             frames_out = pipe.decode_latents(x0)
         else:
             frames_out = pipe.decode_latents(x0, decode_chunk_size=8)
-        video = pipe.video_processor.postprocess_video(video=frames_out, output_type="np")[0]
+        return pipe.video_processor.postprocess_video(video=frames_out, output_type="np")[0]
+
+    if compile:  # the UNet, as pipe.compile() compiles ours
+        pipe.unet = torch.compile(pipe.unet, dynamic=False)
+        warm_up(phases, generate, decode)
+    with timed_calls(totals, "text", pipe, "encode_prompt"), \
+            timed_forwards(totals, "unet", pipe.unet, synchronizer(device)), phases("text+denoise"):
+        x0 = generate()
+    with phases("decode"):
+        video = decode(x0)
     np.save(save, video)
     phases.report(totals=totals)
 
@@ -218,6 +246,9 @@ def main() -> None:
     parser.add_argument("--input", action="store_true", help="SD 1.5 video-to-video at strength 0.6 (diffusers' "
                         "AnimateDiffVideoToVideoPipeline)")
     parser.add_argument("--only", choices=["ours", "diffusers"], help="run one contender")
+    parser.add_argument("--compile", choices=["ours", "both"], help="torch.compile ours (pipe.compile()) or both "
+                        "contenders (diffusers: torch.compile of its UNet); the first call is timed as 'compile "
+                        "warm-up'")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench", help="where the random files are cached")
     args = parser.parse_args()
     if args.gpu:
@@ -251,7 +282,8 @@ def main() -> None:
         kwargs = dict(family=family, base=str(base), motion=str(motion), device=args.device, dtype=args.dtype,
                       size=args.size, frames=args.frames, steps=steps, cfg=args.cfg, seed=args.seed,
                       save=str(outputs[name]), controlnet=controlnet and str(controlnet),
-                      strength=0.6 if args.input else None)
+                      strength=0.6 if args.input else None,
+                      compile=args.compile == "both" or (args.compile == "ours" and name == "ours"))
         if name == "diffusers":
             kwargs["workdir"] = str(args.workdir)
         results[name] = run_isolated(__file__, name, **kwargs)
@@ -261,7 +293,9 @@ def main() -> None:
     get = lambda r, phase, key="s": r["phases"][phase][key] if r else None  # noqa: E731
     total = lambda r, key: r["totals"].get(key) if r else None  # noqa: E731
     denoise = lambda r: get(r, "text+denoise") - total(r, "text") if r else None  # noqa: E731
+    warm = lambda r: r["phases"].get("compile warm-up", {}).get("s") if r else None  # noqa: E731
     rows = [("load", get(o, "load"), get(d, "load"), "s"),
+            *([("compile warm-up (first call)", warm(o), warm(d), "s")] if args.compile else []),
             ("text encode", total(o, "text"), total(d, "text"), "s"),
             ("denoise", denoise(o), denoise(d), "s"),
             (f"  UNet forwards ({int(total(o or d, 'unet#'))})", total(o, "unet"), total(d, "unet"), "s"),

@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                      help="default: float16 on cuda; on cpu bfloat16 where the CPU runs it natively "
                           "(AMX / AVX-512 BF16), float32 elsewhere")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the UNet with the motion modules: "
+                     "about 1.5x faster bfloat16 steps on CPU after a first call that compiles for minutes")
     gen.add_argument("--ip-adapter", metavar="FILE", help="IP-Adapter file (ip-adapter_sd15.bin / ip-adapter_sdxl.bin); "
                      "its image encoder is read from --ip-encoder, default image_encoder/model.safetensors next to it")
     gen.add_argument("--ip-encoder", metavar="FILE", help="the IP-Adapter's CLIP image encoder file")
@@ -313,7 +315,7 @@ def _locate_base_and_motion(base: str | None, motion: str | None, models_dir: st
 def cmd_generate(args) -> int:
     from .render import ModelSession, render, save
 
-    session = ModelSession(args.device, args.dtype)
+    session = ModelSession(args.device, args.dtype, compile=args.compile)
     recipe = generate_recipe(args)
     options = image_condition_options(args, recipe, session)
     frames, done = render(recipe, session, pipeline_options=options)

@@ -33,11 +33,13 @@ def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 class ModelSession:
     """A ModelManager kept between renders: a new base file means a new manager, a new motion module replaces the
-    old one, LoRAs are taken off and put on again (they are small)."""
+    old one, LoRAs are taken off and put on again (they are small). ``compile``: :meth:`VideoPipeline.compile`
+    once per loaded base model (the compiled code is kept for the renders after it)."""
 
-    def __init__(self, device: str | None = None, dtype: str | torch.dtype | None = None):
+    def __init__(self, device: str | None = None, dtype: str | torch.dtype | None = None, compile: bool = False):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        self.compile = compile
         self.manager = None
         self._base: str | None = None
         self._motion: tuple[str | None, str | None] = (None, None)
@@ -78,7 +80,10 @@ class ModelSession:
             from .pipelines.sdxl_video import SDXLVideoPipeline as Pipeline
         else:
             from .pipelines.sd_video import SDVideoPipeline as Pipeline
-        return Pipeline.from_model_manager(manager, controlnet_config_units=controlnets)
+        pipe = Pipeline.from_model_manager(manager, controlnet_config_units=controlnets)
+        if self.compile and not manager.unet.is_compiled:
+            pipe.compile()
+        return pipe
 
 
 def render(recipe: Recipe, session: ModelSession, *, progress_bar: bool = True,

@@ -254,6 +254,24 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, config.out_channels, 3, padding=1))
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` the blocks, motion modules and output layer (:meth:`run_blocks`); the time embedding and
+        the per-clip context check stay eager. ``options`` go to ``torch.compile``."""
+        compiled = torch.compile(UNetModel.run_blocks.__get__(self), **options)  # again: from the original
+
+        def run_blocks(*args):
+            # dynamo does not guard on module hooks by default: a run-time LoRA (forward hooks) attached or removed
+            # after compiling would be ignored by the compiled code instead of compiling again
+            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+                return compiled(*args)
+
+        run_blocks.compiled = compiled
+        self.run_blocks = run_blocks
+
+    @property
+    def is_compiled(self) -> bool:
+        return hasattr(self.run_blocks, "compiled")
+
     def _blocks(self) -> list[UNetBlock]:
         return [*self.input_blocks, self.middle_block, *self.output_blocks]
 
@@ -285,14 +303,20 @@ class UNetModel(nn.Module):
         dtype = self.time_embed[0].weight.dtype
         prepare_convolutions(self, self.time_embed[0].weight)
         emb = embed(self, timesteps, y, bf, x.device)
-        context = per_clip_context(context.to(dtype), num_frames)
+        context = per_clip_context(context.to(dtype), num_frames)  # data-dependent: outside the compiled region
         pool = num_frames if pool_resnet_norms and num_frames > 1 else None
+        return self.run_blocks(x.to(dtype), emb, context, pool, num_frames, motion, control)
+
+    def run_blocks(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, pool: int | None,
+                   num_frames: int, motion: MotionSites | None, control) -> torch.Tensor:
+        """Every block, the motion modules and the output layer: what :meth:`compile` compiles."""
+        dtype = h.dtype
 
         def hook(block: UNetBlock) -> MotionHook | None:
             return motion.site(block.site) if motion is not None and block.site else None
 
         down, mid = control if control is not None else (None, None)
-        h, skips = x.to(dtype), []
+        skips = []
         for i, block in enumerate(self.input_blocks):
             h = self._run(block, h, emb, context, pool, num_frames, hook(block))
             skips.append(h if down is None else h + down[i].to(dtype))
