@@ -90,11 +90,12 @@ class VideoPipeline(DiffusersLongVideoAliases):
 
     def compile(self, *, vae: bool = False, **options) -> "VideoPipeline":
         """Compile the UNet's blocks with the motion modules inside with ``torch.compile`` (inductor): a bfloat16
-        denoise step on CPU takes ~0.66x the eager time, after a first call that compiles for minutes (SD 1.5 + v2,
-        2 cores: `benchmarks/generate.py --compile ours`). Off by default for that warm-up. A new frame count, size or
-        CFG setting compiles again; weight changes (LoRAs, their alpha) are seen without one. ``vae=True`` compiles
-        the VAE decoder too, which did not pay on CPU (4.6 s against 4.2 s eager for 8 frames at 256x256).
-        ``options`` go to ``torch.compile`` (``dynamic=False`` unless given); returns the pipeline."""
+        denoise step on CPU takes ~0.65x the eager time, after a first call that compiles for ~2 minutes (SD 1.5 +
+        v2, 2 cores: `benchmarks/generate.py --compile ours`). Off by default for that warm-up. A new frame count,
+        size or CFG setting compiles again, as does a run-time LoRA put on or off or given another alpha; weights
+        changed in place (merged LoRAs) are used as they are. ``vae=True`` compiles the VAE decoder too, which did
+        not pay on CPU (4.6 s against 3.8-4.3 s eager for 8 frames at 256x256). ``options`` go to
+        ``torch.compile`` (``dynamic=False`` unless given); returns the pipeline."""
         options = {"dynamic": False, **options}
         self.unet.compile_blocks(**options)
         if vae:
