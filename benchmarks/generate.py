@@ -7,8 +7,9 @@
                                                      # (the same as benchmarks/gpu.sh; ~3-6 min on an A100/H100)
     python benchmarks/generate.py --control          # + control_v11p_sd15_lineart.pth on random frames
     python benchmarks/generate.py --input            # video-to-video: random frames at strength 0.6
-    python benchmarks/generate.py --compile ours     # pipe.compile() (inductor) against diffusers eager;
-                                                     # --compile both: torch.compile of diffusers' UNet too
+    python benchmarks/generate.py --warm             # one untimed call first for both: no first-call costs
+    python benchmarks/generate.py --compile ours     # pipe.compile() (inductor) against diffusers eager, both
+                                                     # warm; --compile both: torch.compile of diffusers' UNet too
 
 Weights: random full-size files in the exact layouts of v1-5-pruned-emaonly.safetensors (float16) / sd_xl_base_1.0
 + the motion module, written once into --workdir by ../shared/tools/make_checkpoint.py; nothing is downloaded.
@@ -70,14 +71,16 @@ def synchronizer(device: str):
 
 
 def warm_up(phases: Phases, generate, decode) -> None:
-    """--compile: one untimed-for-the-table call of each compiled part (what compiling costs a first run)."""
-    with phases("compile warm-up"):
+    """--warm / --compile: one call before the timed one, for every contender, compiled or not, so that both timed
+    calls are warm (a first call also pays one-off costs: weights paged in, converted to channels-last); for a
+    compiled contender it is also what compiling costs a first run."""
+    with phases("first call"):
         decode(generate())
 
 
 def ours(family: str, base: str, motion: str, device: str, dtype: str, size: int, frames: int, steps: int,
          cfg: float, seed: int, save: str, controlnet: str | None = None, strength: float | None = None,
-         compile: bool = False) -> None:
+         compile: bool = False, warm: bool = False) -> None:
     torch.set_grad_enabled(False)
     phases = Phases(device)
     from vidsynth import ControlNetConfigUnit, ModelManager, SDVideoPipeline, SDXLVideoPipeline
@@ -103,6 +106,7 @@ def ours(family: str, base: str, motion: str, device: str, dtype: str, size: int
 
     if compile:
         pipe.compile()
+    if warm:
         warm_up(phases, generate, decode)
     totals: dict[str, float] = {}
     with timed_calls(totals, "text", pipe, "encode_prompts"), \
@@ -116,7 +120,7 @@ def ours(family: str, base: str, motion: str, device: str, dtype: str, size: int
 
 def diffusers(family: str, base: str, motion: str, device: str, dtype: str, size: int, frames: int, steps: int,
               cfg: float, seed: int, save: str, workdir: str, controlnet: str | None = None,
-              strength: float | None = None, compile: bool = False) -> None:
+              strength: float | None = None, compile: bool = False, warm: bool = False) -> None:
     torch.set_grad_enabled(False)
     phases = Phases(device)
     from diffusers import AnimateDiffPipeline, AnimateDiffSDXLPipeline, DDIMScheduler, EulerDiscreteScheduler
@@ -188,6 +192,7 @@ def diffusers(family: str, base: str, motion: str, device: str, dtype: str, size
 
     if compile:  # the UNet, as pipe.compile() compiles ours
         pipe.unet = torch.compile(pipe.unet, dynamic=False)
+    if warm:
         warm_up(phases, generate, decode)
     with timed_calls(totals, "text", pipe, "encode_prompt"), \
             timed_forwards(totals, "unet", pipe.unet, synchronizer(device)), phases("text+denoise"):
@@ -247,8 +252,9 @@ def main() -> None:
                         "AnimateDiffVideoToVideoPipeline)")
     parser.add_argument("--only", choices=["ours", "diffusers"], help="run one contender")
     parser.add_argument("--compile", choices=["ours", "both"], help="torch.compile ours (pipe.compile()) or both "
-                        "contenders (diffusers: torch.compile of its UNet); the first call is timed as 'compile "
-                        "warm-up'")
+                        "contenders (diffusers: torch.compile of its UNet); implies --warm")
+    parser.add_argument("--warm", action="store_true", help="one call before the timed one for every contender "
+                        "(implied by --compile), so the timed calls pay no first-call costs")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench", help="where the random files are cached")
     args = parser.parse_args()
     if args.gpu:
@@ -283,7 +289,8 @@ def main() -> None:
                       size=args.size, frames=args.frames, steps=steps, cfg=args.cfg, seed=args.seed,
                       save=str(outputs[name]), controlnet=controlnet and str(controlnet),
                       strength=0.6 if args.input else None,
-                      compile=args.compile == "both" or (args.compile == "ours" and name == "ours"))
+                      compile=args.compile == "both" or (args.compile == "ours" and name == "ours"),
+                      warm=args.warm or args.compile is not None)
         if name == "diffusers":
             kwargs["workdir"] = str(args.workdir)
         results[name] = run_isolated(__file__, name, **kwargs)
@@ -293,9 +300,9 @@ def main() -> None:
     get = lambda r, phase, key="s": r["phases"][phase][key] if r else None  # noqa: E731
     total = lambda r, key: r["totals"].get(key) if r else None  # noqa: E731
     denoise = lambda r: get(r, "text+denoise") - total(r, "text") if r else None  # noqa: E731
-    warm = lambda r: r["phases"].get("compile warm-up", {}).get("s") if r else None  # noqa: E731
+    warm = lambda r: r["phases"].get("first call", {}).get("s") if r else None  # noqa: E731
     rows = [("load", get(o, "load"), get(d, "load"), "s"),
-            *([("compile warm-up (first call)", warm(o), warm(d), "s")] if args.compile else []),
+            *([("first call (untimed)", warm(o), warm(d), "s")] if args.warm or args.compile else []),
             ("text encode", total(o, "text"), total(d, "text"), "s"),
             ("denoise", denoise(o), denoise(d), "s"),
             (f"  UNet forwards ({int(total(o or d, 'unet#'))})", total(o, "unet"), total(d, "unet"), "s"),

@@ -5,6 +5,8 @@ diffusers', on the random full-size files of benchmarks/generate.py (not a test)
     python benchmarks/profile_parts.py decoder --impl diffusers --dtype bfloat16  # 8 frames 32x32 -> 256x256
     python benchmarks/profile_parts.py unet --impl ours --time 3                  # wall time of 3 calls, no profiler
     python benchmarks/profile_parts.py decoder --frames 16 --batch-size 4 --time 2  # ours: 4 frames per decoder call
+    python benchmarks/profile_parts.py unet --compile                             # ours after pipe.compile()'s
+                                                                                  # compile (the warm-up call)
 
 One warm-up call, then the measured call(s); the table is sorted by self CPU time (top --rows ops).
 """
@@ -29,7 +31,7 @@ def inputs(frames: int, size: int, dtype: torch.dtype, family: str):
     return x.to(dtype), torch.full((n,), 501.0), context.to(dtype), None if y is None else y.to(dtype)
 
 
-def ours_call(part: str, base, motion, dtype, frames, size, family, batch_size=None):
+def ours_call(part: str, base, motion, dtype, frames, size, family, batch_size=None, compile=False):
     from vidsynth import ModelManager
 
     if part == "decoder":  # the VAE alone (160 MB), not the whole file
@@ -44,6 +46,8 @@ def ours_call(part: str, base, motion, dtype, frames, size, family, batch_size=N
     manager.load_models([base, motion])
     unet, mm = manager.unet, manager.motion_modules
     del manager
+    if compile:
+        unet.compile_blocks(dynamic=False)  # what pipe.compile() does
     x, t, context, y = inputs(frames, size, dtype, family)
     return lambda: unet(x, t, context, y, num_frames=frames, motion=mm)
 
@@ -80,6 +84,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--time", type=int, default=0, help="time this many calls instead of profiling")
     parser.add_argument("--batch-size", type=int, help="ours, decoder: frames per decoder call (default: the budget)")
+    parser.add_argument("--compile", action="store_true", help="ours, unet: compiled as pipe.compile() does")
     parser.add_argument("--workdir", default=str(REPO / ".bench"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -90,7 +95,10 @@ def main() -> None:
     make = ours_call if args.impl == "ours" else diffusers_call
     if args.batch_size and (args.impl, args.part) != ("ours", "decoder"):
         parser.error("--batch-size applies to --impl ours decoder only")
-    call = make(args.part, base, motion, dtype, args.frames, args.size, family, args.batch_size)
+    if args.compile and (args.impl, args.part) != ("ours", "unet"):
+        parser.error("--compile applies to --impl ours unet only")
+    options = {"compile": True} if args.compile else {}
+    call = make(args.part, base, motion, dtype, args.frames, args.size, family, args.batch_size, **options)
     with torch.inference_mode():
         start = time.perf_counter()
         call()
