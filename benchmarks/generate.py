@@ -257,6 +257,7 @@ def main() -> None:
                         "(implied by --compile), so the timed calls pay no first-call costs")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench", help="where the random files are cached")
     args = parser.parse_args()
+    args.warm = args.warm or args.compile is not None
     if args.gpu:
         given = set(sys.argv[1:])
         args.device = args.device if "--device" in given else "cuda"
@@ -290,7 +291,7 @@ def main() -> None:
                       save=str(outputs[name]), controlnet=controlnet and str(controlnet),
                       strength=0.6 if args.input else None,
                       compile=args.compile == "both" or (args.compile == "ours" and name == "ours"),
-                      warm=args.warm or args.compile is not None)
+                      warm=args.warm)
         if name == "diffusers":
             kwargs["workdir"] = str(args.workdir)
         results[name] = run_isolated(__file__, name, **kwargs)
@@ -302,7 +303,7 @@ def main() -> None:
     denoise = lambda r: get(r, "text+denoise") - total(r, "text") if r else None  # noqa: E731
     warm = lambda r: r["phases"].get("first call", {}).get("s") if r else None  # noqa: E731
     rows = [("load", get(o, "load"), get(d, "load"), "s"),
-            *([("first call (untimed)", warm(o), warm(d), "s")] if args.warm or args.compile else []),
+            *([("first call (untimed)", warm(o), warm(d), "s")] if args.warm else []),
             ("text encode", total(o, "text"), total(d, "text"), "s"),
             ("denoise", denoise(o), denoise(d), "s"),
             (f"  UNet forwards ({int(total(o or d, 'unet#'))})", total(o, "unet"), total(d, "unet"), "s"),

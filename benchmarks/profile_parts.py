@@ -5,8 +5,8 @@ diffusers', on the random full-size files of benchmarks/generate.py (not a test)
     python benchmarks/profile_parts.py decoder --impl diffusers --dtype bfloat16  # 8 frames 32x32 -> 256x256
     python benchmarks/profile_parts.py unet --impl ours --time 3                  # wall time of 3 calls, no profiler
     python benchmarks/profile_parts.py decoder --frames 16 --batch-size 4 --time 2  # ours: 4 frames per decoder call
-    python benchmarks/profile_parts.py unet --compile                             # ours after pipe.compile()'s
-                                                                                  # compile (the warm-up call)
+    python benchmarks/profile_parts.py unet --compile                             # ours compiled as pipe.compile()
+                                                                                  # does (the warm-up call compiles)
 
 One warm-up call, then the measured call(s); the table is sorted by self CPU time (top --rows ops).
 """
@@ -52,7 +52,7 @@ def ours_call(part: str, base, motion, dtype, frames, size, family, batch_size=N
     return lambda: unet(x, t, context, y, num_frames=frames, motion=mm)
 
 
-def diffusers_call(part: str, base, motion, dtype, frames, size, family, batch_size=None):
+def diffusers_call(part: str, base, motion, dtype, frames, size, family):
     from _reference import load_components, load_motion_adapter, motion_unet
 
     work = REPO / ".bench"
@@ -92,13 +92,13 @@ def main() -> None:
     from pathlib import Path
     base, motion = (ensure_checkpoint(Path(args.workdir), name, dt) for name, dt in FILES[family])
     dtype = getattr(torch, args.dtype)
-    make = ours_call if args.impl == "ours" else diffusers_call
     if args.batch_size and (args.impl, args.part) != ("ours", "decoder"):
         parser.error("--batch-size applies to --impl ours decoder only")
     if args.compile and (args.impl, args.part) != ("ours", "unet"):
         parser.error("--compile applies to --impl ours unet only")
-    options = {"compile": True} if args.compile else {}
-    call = make(args.part, base, motion, dtype, args.frames, args.size, family, args.batch_size, **options)
+    setting = (args.part, base, motion, dtype, args.frames, args.size, family)
+    call = (ours_call(*setting, batch_size=args.batch_size, compile=args.compile) if args.impl == "ours"
+            else diffusers_call(*setting))
     with torch.inference_mode():
         start = time.perf_counter()
         call()

@@ -221,7 +221,7 @@ def _load_pickle(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
 
 @functools.cache
 def _madvise():
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
         return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
@@ -235,7 +235,7 @@ def _release_file_pages(t: torch.Tensor) -> None:
     """Drop the resident pages wholly inside ``t``, a tensor on a private, never-written mapping of a file: the
     kernel reads them from the file again if they are touched (Linux MADV_DONTNEED), so the data stay valid."""
     madvise = _madvise()
-    if madvise is None or not hasattr(mmap, "MADV_DONTNEED"):
+    if madvise is None:
         return
     page = mmap.PAGESIZE
     begin = -(-t.data_ptr() // page) * page

@@ -81,7 +81,7 @@ class ModelSession:
         else:
             from .pipelines.sd_video import SDVideoPipeline as Pipeline
         pipe = Pipeline.from_model_manager(manager, controlnet_config_units=controlnets)
-        if self.compile and not manager.unet.is_compiled:
+        if self.compile and manager.unet.compiled_blocks is None:
             pipe.compile()
         return pipe
 

@@ -253,24 +253,13 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(UNetBlock(layers, f"up_blocks.{up}.motion_modules.{j}", ch, hook_at))
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, config.out_channels, 3, padding=1))
+        self.compiled_blocks: Callable[..., torch.Tensor] | None = None  # compile_blocks()
 
     def compile_blocks(self, **options) -> None:
-        """``torch.compile`` the blocks, motion modules and output layer (:meth:`run_blocks`); the time embedding and
-        the per-clip context check stay eager. ``options`` go to ``torch.compile``."""
-        compiled = torch.compile(UNetModel.run_blocks.__get__(self), **options)  # again: from the original
-
-        def run_blocks(*args):
-            # dynamo does not guard on module hooks by default: a run-time LoRA (forward hooks) attached or removed
-            # after compiling would be ignored by the compiled code instead of compiling again
-            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
-                return compiled(*args)
-
-        run_blocks.compiled = compiled
-        self.run_blocks = run_blocks
-
-    @property
-    def is_compiled(self) -> bool:
-        return hasattr(self.run_blocks, "compiled")
+        """``torch.compile`` the blocks, motion modules and output layer (:meth:`run_blocks`) into
+        ``compiled_blocks``, which ``forward`` then calls; the time embedding and the per-clip context check stay
+        eager. ``options`` go to ``torch.compile``."""
+        self.compiled_blocks = torch.compile(self.run_blocks, **options)
 
     def _blocks(self) -> list[UNetBlock]:
         return [*self.input_blocks, self.middle_block, *self.output_blocks]
@@ -305,11 +294,17 @@ class UNetModel(nn.Module):
         emb = embed(self, timesteps, y, bf, x.device)
         context = per_clip_context(context.to(dtype), num_frames)  # data-dependent: outside the compiled region
         pool = num_frames if pool_resnet_norms and num_frames > 1 else None
-        return self.run_blocks(x.to(dtype), emb, context, pool, num_frames, motion, control)
+        args = (x.to(dtype), emb, context, pool, num_frames, motion, control)
+        if self.compiled_blocks is None:
+            return self.run_blocks(*args)
+        # dynamo does not guard on module hooks by default: a run-time LoRA (forward hooks) put on or taken off after
+        # compiling would be ignored by the compiled code instead of compiling again
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            return self.compiled_blocks(*args)
 
     def run_blocks(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, pool: int | None,
                    num_frames: int, motion: MotionSites | None, control) -> torch.Tensor:
-        """Every block, the motion modules and the output layer: what :meth:`compile` compiles."""
+        """Every block, the motion modules and the output layer: what :meth:`compile_blocks` compiles."""
         dtype = h.dtype
 
         def hook(block: UNetBlock) -> MotionHook | None:

@@ -90,12 +90,12 @@ class VideoPipeline(DiffusersLongVideoAliases):
 
     def compile(self, *, vae: bool = False, **options) -> "VideoPipeline":
         """Compile the UNet's blocks with the motion modules inside with ``torch.compile`` (inductor). On a 2-core
-        AMX CPU a warm bfloat16 SD 1.5 + v2 step gets ~10% faster (SDXL: level with diffusers' eager) after a first call that compiles
-        for ~2 minutes (`benchmarks/generate.py --compile ours`), so it is off by default. A new frame count, size or
-        CFG setting compiles again, as does a run-time LoRA put on or off or given another alpha; weights changed in
-        place (merged LoRAs) are used as they are. ``vae=True`` compiles the VAE decoder too, which did not pay on
-        CPU (4.6 s against 3.5-4.3 s eager for 8 frames at 256x256). ``options`` go to ``torch.compile``
-        (``dynamic=False`` unless given); returns the pipeline."""
+        AMX CPU a warm bfloat16 SD 1.5 + v2 step gets ~10% faster (SDXL: level with diffusers' eager) after a first
+        call that compiles for ~2 minutes (`benchmarks/generate.py --compile ours`), so it is off by default. A new
+        frame count, size or CFG setting compiles again, as does a run-time LoRA put on or off or given another
+        alpha; weights changed in place (merged LoRAs) are used as they are. ``vae=True`` compiles the VAE decoder
+        too, which on CPU was no faster than eager. ``options`` go to ``torch.compile`` (``dynamic=False`` unless
+        given); returns the pipeline."""
         options = {"dynamic": False, **options}
         self.unet.compile_blocks(**options)
         if vae:
