@@ -33,6 +33,7 @@ def inputs(frames: int, size: int, dtype: torch.dtype, family: str):
 
 def ours_call(part: str, base, motion, dtype, frames, size, family, batch_size=None, compile=False):
     from vidsynth import ModelManager
+    from vidsynth.runtime import reusing_freed_memory
 
     if part == "decoder":  # the VAE alone (160 MB), not the whole file
         from vidsynth.checkpoints import load_checkpoint
@@ -49,7 +50,11 @@ def ours_call(part: str, base, motion, dtype, frames, size, family, batch_size=N
     if compile:
         unet.compile_blocks(dynamic=False)  # what pipe.compile() does
     x, t, context, y = inputs(frames, size, dtype, family)
-    return lambda: unet(x, t, context, y, num_frames=frames, motion=mm)
+
+    def step():
+        with reusing_freed_memory():  # as the pipeline's sampler loop runs
+            return unet(x, t, context, y, num_frames=frames, motion=mm)
+    return step
 
 
 def diffusers_call(part: str, base, motion, dtype, frames, size, family):
@@ -66,7 +71,7 @@ def diffusers_call(part: str, base, motion, dtype, frames, size, family):
     del parts
     x, t, context, y = inputs(frames, size, dtype, family)
     x5 = x.reshape(2, frames, *x.shape[1:]).transpose(1, 2)  # (b, c, f, h, w)
-    ctx = context[::frames]
+    ctx = context  # per frame, as diffusers' AnimateDiff pipelines repeat the prompt embeddings
     extra = {}
     if y is not None:
         extra = {"added_cond_kwargs": {"text_embeds": y[::frames, :1280], "time_ids": y[::frames, 1280:1286]}}

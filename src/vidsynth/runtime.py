@@ -4,10 +4,20 @@ the models use so a channels-last tensor stays channels-last through GroupNorm, 
 oneDNN on CPU computes bfloat16 convolutions in NHWC. Fed NCHW tensors and weights it converts the input,
 the weights and the output on every call (about a third of the VAE decoder's time in bfloat16); with channels-last
 weights and activations it converts nothing. In float32 both layouts cost the same here, so NCHW is kept there.
+
+glibc's malloc maps each block above its mmap threshold (128 KiB, rising to at most 32 MiB) on its own and unmaps it
+when freed, and returns the heap's free top beyond the trim threshold, so the large activations of every step are
+faulted in and zeroed by the kernel page by page again: about a tenth of a bfloat16 denoise here.
+:func:`reusing_freed_memory` keeps freed blocks in the heap while the sampler runs and trims it afterwards.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import os
+import sys
+import threading
 
 import torch
 from torch import nn
@@ -74,3 +84,51 @@ def is_channels_last(x: torch.Tensor) -> bool:
 
 def layout_of(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
+
+# mallopt parameters (malloc.h) and glibc's defaults, restored after a render
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_reuse_lock = threading.Lock()
+_reuse_depth = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (musl and others lack them)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+@contextlib.contextmanager
+def reusing_freed_memory(device: str | torch.device = "cpu"):
+    """Within the block, CPU memory freed by torch stays in the process's heap for the next tensor instead of going
+    back to the kernel (glibc: ``mallopt`` M_MMAP_MAX 0 and an unbounded M_TRIM_THRESHOLD, what
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` set for a whole process); on leaving it the free heap pages are
+    returned (``malloc_trim``) and glibc's default limits restored (as fixed values: glibc stops adjusting them once
+    they are set). Peak memory stays about that of the largest step. Does nothing off Linux/glibc, for other devices,
+    or with ``VIDSYNTH_MALLOC=system``. Nestable and thread-safe (the setting is the process's)."""
+    global _reuse_depth
+    libc = _glibc() if torch.device(device).type == "cpu" and os.environ.get("VIDSYNTH_MALLOC") != "system" else None
+    if libc is None:
+        yield
+        return
+    with _reuse_lock:
+        if _reuse_depth == 0:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
+        _reuse_depth += 1
+    try:
+        yield
+    finally:
+        with _reuse_lock:
+            _reuse_depth -= 1
+            if _reuse_depth == 0:
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)

@@ -48,6 +48,27 @@ def add(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return h.add_(other) if not torch.is_grad_enabled() else h + other
 
 
+# oneDNN's linear with a fused epilogue (the op inductor emits on CPU): the bias, a GELU or a residual add are applied
+# to the float32 accumulator before the single rounding to bfloat16, so the output is written once instead of two or
+# three passes over it. float32 gains nothing from it and keeps the plain path.
+_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and getattr(torch.ops.mkldnn, "_linear_pointwise", None) or None
+
+
+def _fusable(layer: nn.Linear, x: torch.Tensor) -> bool:
+    return (_LINEAR_POINTWISE is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and layer.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # inductor fuses these itself
+            and not (layer._forward_hooks or layer._forward_pre_hooks))  # run-time LoRAs hook the module call
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer(x) + residual``, in one oneDNN call where it can be."""
+    if residual is not None and _fusable(layer, x):
+        return _LINEAR_POINTWISE.binary(x, residual, layer.weight, layer.bias, "add")
+    out = layer(x)
+    return out if residual is None else add(out, residual)
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v projections (no bias) and ``to_out.0`` (with bias)."""
 
@@ -61,17 +82,19 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         """``context`` may hold one entry per group of ``x.shape[0] // context.shape[0]`` consecutive batch items
         (one per clip instead of one per frame): K/V are projected once per entry and the group's queries attend to
-        them as one long query sequence, which is the same attention (softmax is per query)."""
+        them as one long query sequence, which is the same attention (softmax is per query). ``residual`` is added
+        to the output (by the output projection itself where :func:`linear` can)."""
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         b, n, inner = q.shape
         if context.shape[0] != b:
             q = q.reshape(context.shape[0], -1, inner)
         out = attention(q, k, v, self.heads).reshape(b, n, inner)
-        return self.to_out(out)
+        return linear(self.to_out[0], out, residual)  # to_out.1 is Dropout(0)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -89,6 +112,10 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fusable(self.proj, x):  # the two halves as two oneDNN calls, the gate's with the (erf) GELU fused
+            n, w, b = self.proj.out_features // 2, self.proj.weight, self.proj.bias
+            value = _LINEAR_POINTWISE(x, w[:n], b[:n], "none", [], "")
+            return _LINEAR_POINTWISE(x, w[n:], b[n:], "gelu", [], "none").mul_(value)
         x, gate = self.proj(x).chunk(2, dim=-1)
         gate = F.gelu(gate)
         return gate.mul_(x) if not torch.is_grad_enabled() else x * gate
@@ -102,8 +129,8 @@ class FeedForward(nn.Module):
         inner = dim * mult
         self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(self.net[2], self.net[0](x), residual)  # net.1 is Dropout(0)
 
 
 class ResBlock(nn.Module):
@@ -139,9 +166,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = add(self.attn1(self.norm1(x)), x)
-        x = add(self.attn2(self.norm2(x), context), x)
-        return add(self.ff(self.norm3(x)), x)
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class SpatialTransformer(nn.Module):

@@ -234,8 +234,9 @@ class TemporalAttention(Attention):
         super().__init__(dim, heads=heads, dim_head=dim // heads)
         self.pos_encoder = PositionalEncoding(dim, pe_length, pe_persistent)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x + self.pos_encoder.pe[:, : x.shape[1]].to(x.dtype))
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x + self.pos_encoder.pe[:, : x.shape[1]].to(x.dtype), residual=residual)
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -251,13 +252,13 @@ class TemporalTransformerBlock(nn.Module):
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         for attn, norm in zip(self.attention_blocks, self.norms):
-            x = add(attn(norm(x)), x)
+            x = attn(norm(x), residual=x)
         return x
 
     def forward(self, x: torch.Tensor, windows: FrameWindows | None = None) -> torch.Tensor:
         # FreeNoise: the attentions run per window (positions from 0 in each), the feed-forward once over all frames
         x = self.attend(x) if windows is None else windows.fuse(x, self.attend)
-        return add(self.ff(self.ff_norm(x)), x)
+        return self.ff(self.ff_norm(x), residual=x)
 
 
 class TemporalTransformer(nn.Module):

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .. import sampling
 from ..errors import ConfigError
+from ..runtime import reusing_freed_memory
 from . import ip_adapter as ip_stage
 from . import sparsectrl as sparsectrl_stage
 from .conditioning import Conditioning
@@ -90,8 +91,9 @@ class VideoPipeline(DiffusersLongVideoAliases):
 
     def compile(self, *, vae: bool = False, **options) -> "VideoPipeline":
         """Compile the UNet's blocks with the motion modules inside with ``torch.compile`` (inductor). On a 2-core
-        AMX CPU a warm bfloat16 SD 1.5 + v2 step gets ~10% faster (SDXL: level with diffusers' eager) after a first
-        call that compiles for ~2 minutes (`benchmarks/generate.py --compile ours`), so it is off by default. A new
+        AMX CPU a warm bfloat16 SD 1.5 + v2 denoise gets ~5% faster than the eager one (whose fused oneDNN epilogues
+        inductor makes itself) after a first call that compiles for over a minute (`benchmarks/generate.py --compile
+        ours`), so it is off by default. A new
         frame count, size or CFG setting compiles again, as does a run-time LoRA put on or off or given another
         alpha; weights changed in place (merged LoRAs) are used as they are. ``vae=True`` compiles the VAE decoder
         too, which on CPU was no faster than eager. ``options`` go to ``torch.compile`` (``dynamic=False`` unless
@@ -242,7 +244,10 @@ class VideoPipeline(DiffusersLongVideoAliases):
         noise, init = initial_state(self, r)
         with ip_stage.applied(self, r.image_prompt):  # the adapter's hooks on the UNet for this call only
             eps = self.make_denoiser(r, cond)
-            x0 = self.sample(r, eps, noise, init)
+            # the steps reuse each other's freed activations; the heap is trimmed before decoding, whose batch size
+            # is budgeted on memory that is given back (kept, the decoder's peak grew ~0.3 GiB by fragmentation)
+            with reusing_freed_memory(self.device):
+                x0 = self.sample(r, eps, noise, init)
         if r.output_type == "latent":
             return x0
         return self.decode(x0[0].transpose(0, 1), output_type=r.output_type, batch_size=r.vae_batch_size,
