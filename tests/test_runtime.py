@@ -2,7 +2,10 @@
 and what bf16 costs in quality against float32 on the same seed (tiny random models)."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -111,39 +114,52 @@ def test_memory_switches_keep_the_frames():
     assert len(calls) > 1  # 72 latents wide: more than one 64-latent tile
 
 
-def _rss() -> int:
+_HEAP_PROBE = """
+import json, os, torch
+from vidsynth import runtime
+
+def rss():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-
-def _touch_and_free(nbytes: int) -> None:
+def touch_and_free(nbytes):
     block = torch.empty(nbytes, dtype=torch.uint8)
     block.fill_(1)  # the pages become resident
     del block
 
+size, slack = 256 * 2**20, 64 * 2**20
+start = rss()
+touch_and_free(size)
+report = {"plain": rss() - start}
+with runtime.reusing_freed_memory("cpu"):
+    touch_and_free(size)
+    report["inside"] = rss() - start
+    touch_and_free(size - slack)  # fits the freed block: no new pages
+    report["inside again"] = rss() - start
+report["after"] = rss() - start
+print(json.dumps(report))
+"""
+
 
 @pytest.mark.skipif(runtime._glibc() is None, reason="the switch is glibc's mallopt; elsewhere it does nothing")
-def test_freed_memory_stays_in_the_heap_while_sampling(monkeypatch):
-    """A freed 256 MiB tensor goes back to the kernel normally (glibc mmaps blocks that large); inside
-    reusing_freed_memory it stays resident and a later one is carved from it instead of growing the process; leaving the
-    block trims the heap again. VIDSYNTH_MALLOC=system turns it off. The pipeline samples inside it and decodes
-    outside it (the decoder's batch is budgeted on memory that is given back)."""
+@pytest.mark.parametrize("setting", ["default", "system"])
+def test_freed_memory_stays_in_the_heap_while_sampling(setting):
+    """In a fresh process (whose heap has no large free blocks yet): a freed 256 MiB tensor goes back to the kernel
+    (glibc mmaps blocks that large); inside reusing_freed_memory it stays resident and a later one is carved from it
+    instead of growing the process; leaving the block trims the heap again. VIDSYNTH_MALLOC=system turns it off."""
+    env = {**os.environ, "VIDSYNTH_MALLOC": setting}
+    result = subprocess.run([sys.executable, "-c", _HEAP_PROBE], env=env, capture_output=True, text=True, check=True)
+    grown = json.loads(result.stdout.splitlines()[-1])
     size, slack = 256 * 2**20, 64 * 2**20
-    start = _rss()
-    _touch_and_free(size)
-    assert _rss() - start < slack
-    with runtime.reusing_freed_memory("cpu"):
-        _touch_and_free(size)
-        kept = _rss() - start
-        _touch_and_free(size - slack)  # fits the freed block: no new pages
-        assert kept > size - slack and _rss() - start < kept + slack // 4
-    assert _rss() - start < slack
-    monkeypatch.setenv("VIDSYNTH_MALLOC", "system")
-    with runtime.reusing_freed_memory("cpu"):
-        _touch_and_free(size)
-        assert _rss() - start < slack
-    monkeypatch.delenv("VIDSYNTH_MALLOC")
+    assert grown["plain"] < slack and grown["after"] < slack
+    if setting == "system":
+        assert grown["inside"] < slack
+        return
+    assert grown["inside"] > size - slack and grown["inside again"] < grown["inside"] + slack // 4
 
+
+def test_the_sampler_runs_inside_the_heap_switch_and_the_decoder_outside():
+    """The decoder's batch is budgeted on memory that is given back, so the heap is trimmed before it runs."""
     pipe = tiny_sd15("v2").pipeline()
     depth = {"unet": set(), "decoder": set()}
     pipe.unet.register_forward_hook(lambda *_: depth["unet"].add(runtime._reuse_depth))
