@@ -48,9 +48,9 @@ def add(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return h.add_(other) if not torch.is_grad_enabled() else h + other
 
 
-# oneDNN's linear with a fused epilogue (the op inductor emits on CPU): the bias, a GELU or a residual add are applied
-# to the float32 accumulator before the single rounding to bfloat16, so the output is written once instead of two or
-# three passes over it. float32 gains nothing from it and keeps the plain path.
+# oneDNN's linear with a fused epilogue (the op inductor emits on CPU): the bias, a GELU, a product or a residual add
+# are applied to the float32 accumulator before the single rounding to bfloat16, so the output is written once instead
+# of two or three passes over it. float32 gains nothing from it and keeps the plain path.
 _LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and getattr(torch.ops.mkldnn, "_linear_pointwise", None) or None
 
 
@@ -112,10 +112,10 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fusable(self.proj, x):  # the two halves as two oneDNN calls, the gate's with the (erf) GELU fused
+        if _fusable(self.proj, x):  # two oneDNN calls: the gate half with its (erf) GELU, the value half times it
             n, w, b = self.proj.out_features // 2, self.proj.weight, self.proj.bias
-            value = _LINEAR_POINTWISE(x, w[:n], b[:n], "none", [], "")
-            return _LINEAR_POINTWISE(x, w[n:], b[n:], "gelu", [], "none").mul_(value)
+            gate = _LINEAR_POINTWISE(x, w[n:], b[n:], "gelu", [], "none")
+            return _LINEAR_POINTWISE.binary(x, gate, w[:n], b[:n], "mul")
         x, gate = self.proj(x).chunk(2, dim=-1)
         gate = F.gelu(gate)
         return gate.mul_(x) if not torch.is_grad_enabled() else x * gate
