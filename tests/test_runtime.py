@@ -186,10 +186,10 @@ class _CountingPointwise:
 @pytest.mark.parametrize("block", ["spatial", "temporal"])
 def test_fused_linear_epilogues_in_bf16(monkeypatch, block):
     """bf16 CPU inference runs GEGLU's gate with its GELU and its value half times that gate, and every output
-    projection with its residual add, as one oneDNN call each (rounded to bf16 once instead of two or three times). Against a float64 run of the same
-    block it is at least as close as the unfused bf16 path (measured max 0.028 both, mean 0.00233 against 0.00239
-    spatial; max 0.031 both, mean 0.00268 against 0.00279 temporal; outputs of mean size 0.8); a run-time hook on a
-    projection (how run-time LoRAs attach) still runs."""
+    projection with its residual add, as one oneDNN call each (rounded to bf16 once instead of two or three times).
+    Against a float64 run of the same block it is at least as close as the unfused bf16 path (measured max 0.028
+    both, mean 0.00233 against 0.00239 spatial; max 0.031 both, mean 0.00268 against 0.00279 temporal; outputs of
+    mean size 0.8); a run-time hook on a projection (how run-time LoRAs attach) still runs."""
     torch.manual_seed(0)
     if block == "spatial":
         module = layers.BasicTransformerBlock(64, 4, 16, 32).eval()

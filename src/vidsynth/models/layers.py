@@ -51,7 +51,8 @@ def add(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 # oneDNN's linear with a fused epilogue (the op inductor emits on CPU): the bias, a GELU, a product or a residual add
 # are applied to the float32 accumulator before the single rounding to bfloat16, so the output is written once instead
 # of two or three passes over it. float32 gains nothing from it and keeps the plain path.
-_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and getattr(torch.ops.mkldnn, "_linear_pointwise", None) or None
+_LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() \
+    else None
 
 
 def _fusable(layer: nn.Linear, x: torch.Tensor) -> bool:
