@@ -15,7 +15,6 @@ import functools
 import json
 import mmap
 import pickle
-import sys
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError, VidsynthError
+from .runtime import libc
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -221,12 +221,10 @@ def _load_pickle(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
 
 @functools.cache
 def _madvise():
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+    c = libc()
+    if c is None or not hasattr(mmap, "MADV_DONTNEED") or not hasattr(c, "madvise"):
         return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
+    fn = c.madvise
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return fn
 

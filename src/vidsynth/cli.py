@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: float16 on cuda; on cpu bfloat16 where the CPU runs it natively "
                           "(AMX / AVX-512 BF16), float32 elsewhere")
     gen.add_argument("--compile", action="store_true", help="torch.compile the UNet with the motion modules: "
-                     "the first call compiles for minutes, later bfloat16 steps on CPU are ~10%% faster")
+                     "the first call compiles for over a minute, later bfloat16 steps on CPU are ~7%% faster")
     gen.add_argument("--ip-adapter", metavar="FILE", help="IP-Adapter file (ip-adapter_sd15.bin / ip-adapter_sdxl.bin); "
                      "its image encoder is read from --ip-encoder, default image_encoder/model.safetensors next to it")
     gen.add_argument("--ip-encoder", metavar="FILE", help="the IP-Adapter's CLIP image encoder file")

@@ -93,16 +93,21 @@ _reuse_lock = threading.Lock()
 _reuse_depth = 0
 
 
-@functools.lru_cache(maxsize=None)
-def _glibc() -> ctypes.CDLL | None:
+@functools.cache
+def libc() -> ctypes.CDLL | None:
+    """The C library's symbols (Linux only; None elsewhere or where they cannot be reached)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 (musl and others lack them)
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
         return None
-    return libc
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    c = libc()
+    return c if c is not None and hasattr(c, "mallopt") and hasattr(c, "malloc_trim") else None  # musl lacks them
 
 
 @contextlib.contextmanager

@@ -148,9 +148,7 @@ def per_clip_context(context: torch.Tensor, num_frames: int) -> torch.Tensor:
         return context
     clips = context.reshape(-1, num_frames, *context.shape[1:])
     first = clips[:, :1]
-    # contiguous: a strided 3-D input sends F.linear through matmul -> bmm with the weight expanded and copied per
-    # clip, in every cross-attention's K and V (a sixth of an SDXL step on CPU)
-    return first[:, 0].contiguous() if torch.equal(clips, first.expand_as(clips)) else context
+    return first[:, 0] if torch.equal(clips, first.expand_as(clips)) else context
 
 
 class UNetBlock(nn.ModuleList):

@@ -91,13 +91,12 @@ class VideoPipeline(DiffusersLongVideoAliases):
 
     def compile(self, *, vae: bool = False, **options) -> "VideoPipeline":
         """Compile the UNet's blocks with the motion modules inside with ``torch.compile`` (inductor). On a 2-core
-        AMX CPU a warm bfloat16 SD 1.5 + v2 denoise gets ~5% faster than the eager one (whose fused oneDNN epilogues
+        AMX CPU a warm bfloat16 SD 1.5 + v2 denoise gets ~7% faster than the eager one (whose fused oneDNN epilogues
         inductor makes itself) after a first call that compiles for over a minute (`benchmarks/generate.py --compile
-        ours`), so it is off by default. A new
-        frame count, size or CFG setting compiles again, as does a run-time LoRA put on or off or given another
-        alpha; weights changed in place (merged LoRAs) are used as they are. ``vae=True`` compiles the VAE decoder
-        too, which on CPU was no faster than eager. ``options`` go to ``torch.compile`` (``dynamic=False`` unless
-        given); returns the pipeline."""
+        ours` against `--warm`), so it is off by default. A new frame count, size or CFG setting compiles again, as
+        does a run-time LoRA put on or off or given another alpha; weights changed in place (merged LoRAs) are used
+        as they are. ``vae=True`` compiles the VAE decoder too, which on CPU was no faster than eager. ``options``
+        go to ``torch.compile`` (``dynamic=False`` unless given); returns the pipeline."""
         options = {"dynamic": False, **options}
         self.unet.compile_blocks(**options)
         if vae:
