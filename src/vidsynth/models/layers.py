@@ -49,22 +49,25 @@ def add(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 # oneDNN's linear with a fused epilogue (the op inductor emits on CPU): the bias, a GELU, a product or a residual add
-# are applied to the float32 accumulator before the single rounding to bfloat16, so the output is written once instead
-# of two or three passes over it. float32 gains nothing from it and keeps the plain path.
+# are applied to the accumulator before the single write of the output, instead of two or three passes over it. In
+# float32 it also replaces MKL's sgemm, which on AMD CPUs (no Intel code path) ran 10-35% slower than oneDNN on the
+# UNet's shapes (benchmarks/profile_parts.py, AMD EPYC Zen 4, 2 threads).
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() \
     else None
 
 
 def _fusable(layer: nn.Linear, x: torch.Tensor) -> bool:
-    return (_LINEAR_POINTWISE is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and layer.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+    return (_LINEAR_POINTWISE is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
+            and layer.weight.dtype == x.dtype and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()  # inductor fuses these itself
             and not (layer._forward_hooks or layer._forward_pre_hooks))  # run-time LoRAs hook the module call
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``layer(x) + residual``, in one oneDNN call where it can be."""
-    if residual is not None and _fusable(layer, x):
+    if _fusable(layer, x):
+        if residual is None:
+            return _LINEAR_POINTWISE(x, layer.weight, layer.bias, "none", [], "")
         return _LINEAR_POINTWISE.binary(x, residual, layer.weight, layer.bias, "add")
     out = layer(x)
     return out if residual is None else add(out, residual)
@@ -92,7 +95,7 @@ class Attention(nn.Module):
         # contiguous: a strided 3-D context (the per-clip slice, the IP-Adapter's text part) sends F.linear through
         # matmul -> bmm with the weight expanded and copied per item, in every K and V (a sixth of an SDXL CPU step)
         context = x if context is None else context.contiguous()
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = linear(self.to_q, x), linear(self.to_k, context), linear(self.to_v, context)
         b, n, inner = q.shape
         if context.shape[0] != b:
             q = q.reshape(context.shape[0], -1, inner)
@@ -196,11 +199,11 @@ class SpatialTransformer(nn.Module):
             y = self.proj_in(y)
         y = y.flatten(2).transpose(1, 2)
         if self.use_linear:
-            y = self.proj_in(y)
+            y = linear(self.proj_in, y)
         for block in self.transformer_blocks:
             y = block(y, context)
         if self.use_linear:
-            y = self.proj_out(y)
+            y = linear(self.proj_out, y)
         # back to the input's layout: a conv fed another layout than its weights' reorders them on every call
         # (oneDNN), which costs up to a third of the UNet's time on CPU
         y = y.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=layout_of(x))

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..runtime import is_channels_last
 from .frame_windows import FrameWindows
-from .layers import Attention, FeedForward, add, group_norm
+from .layers import Attention, FeedForward, add, group_norm, linear
 
 MOTION_VERSIONS = ("v1", "v2", "v3", "sdxl_beta", "animatelcm", "lightning")
 
@@ -290,10 +290,10 @@ class TemporalTransformer(nn.Module):
             h, channels_last = h.contiguous(), False
         x = group_norm(h, self.norm, num_frames if self.pool_norm else None)
         x = x.reshape(b, num_frames, c, height, width).permute(0, 3, 4, 1, 2).reshape(b * height * width, num_frames, c)
-        x = self.proj_in(x)
+        x = linear(self.proj_in, x)
         for block in self.transformer_blocks:
             x = block(x, windows)
-        x = self.proj_out(x).reshape(b, height, width, num_frames, c)
+        x = linear(self.proj_out, x).reshape(b, height, width, num_frames, c)
         if channels_last:  # the result in the layout of h (frames back in the batch, channels innermost)
             return x.permute(0, 3, 1, 2, 4).reshape(bf, height, width, c).permute(0, 3, 1, 2)
         return x.permute(0, 3, 4, 1, 2).reshape(bf, c, height, width)
