@@ -24,8 +24,9 @@ its own process. How the phases are timed, identically for both:
   text+denoise  the pipeline called with output_type="latent" (prompt encoding, all sampler steps with CFG)
   text          wall time inside the pipeline's own prompt-encoding method (wrapped), included in the line above
   denoise       text+denoise minus text; "UNet forwards" is the time inside the UNet's forward (hooks)
-  decode        latents -> float frames in [0, 1] as numpy: ours pipe.decode(..., output_type="np"),
-                diffusers pipe.decode_latents + video_processor.postprocess_video(output_type="np")
+  decode        latents -> float frames in [0, 1] as numpy: ours pipe.decode(..., output_type="np") with its
+                default batch (the memory budget: 2 frames per call at 256x256 bf16), diffusers pipe.decode_latents
+                (all 8 frames per call: decode_chunk_size=8, SDXL's whole clip) + video_processor.postprocess_video
 Peak RSS is per phase (the kernel's high-water mark reset at each phase start) and over the whole process.
 """
 from __future__ import annotations
@@ -102,7 +103,7 @@ def ours(family: str, base: str, motion: str, device: str, dtype: str, size: int
                     progress_bar=False, **control)
 
     def decode(x0):
-        return pipe.decode(x0[0].transpose(0, 1), output_type="np", batch_size=8, tiled=None, progress_bar=False)
+        return pipe.decode(x0[0].transpose(0, 1), output_type="np", batch_size=None, tiled=None, progress_bar=False)
 
     if compile:
         pipe.compile()
