@@ -7,6 +7,8 @@ diffusers', on the random full-size files of benchmarks/generate.py (not a test)
     python benchmarks/profile_parts.py decoder --frames 16 --batch-size 4 --time 2  # ours: 4 frames per decoder call
     python benchmarks/profile_parts.py unet --compile                             # ours compiled as pipe.compile()
                                                                                   # does (the warm-up call compiles)
+    python benchmarks/profile_parts.py unet --flops --impl diffusers              # FLOPs of one call per op, and
+                                                                                  # what the call ran at (GFLOP/s)
 
 One warm-up call, then the measured call(s); the table is sorted by self CPU time (top --rows ops).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import time
 
 import torch
@@ -74,6 +77,34 @@ def diffusers_call(part: str, base, motion, dtype, frames, size, family):
     return lambda: unet(x5, t[:1], encoder_hidden_states=ctx, **extra).sample
 
 
+def print_flops(call) -> None:
+    """torch's FLOP counter, taught the two CPU ops it does not know: oneDNN's fused linear (ours) and the CPU flash
+    attention (both); then one timed call, for the rate the whole call ran at."""
+    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+    def linear_flops(x, *args, out_shape=None, **kwargs):  # shapes, not tensors; x is the input in both overloads
+        return 2 * math.prod(x) * out_shape[-1]
+
+    def attention_flops(q, k, *args, out_shape=None, **kwargs):
+        return 4 * math.prod(q) * k[-2]
+
+    for op, formula in ((torch.ops.mkldnn._linear_pointwise, linear_flops),
+                        (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, attention_flops)):
+        if op not in torch.utils.flop_counter.flop_registry:
+            register_flop_formula(op)(formula)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        call()
+    start = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - start
+    counts = counter.get_flop_counts()["Global"]
+    for op, n in sorted(counts.items(), key=lambda item: -item[1]):
+        print(f"{str(op):60s} {n / 1e12:7.3f} TFLOP")
+    total = counter.get_total_flops()
+    print(f"{'total':60s} {total / 1e12:7.3f} TFLOP in {seconds:.2f} s = {total / seconds / 1e9:.0f} GFLOP/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["unet", "decoder"])
@@ -86,6 +117,7 @@ def main() -> None:
     parser.add_argument("--time", type=int, default=0, help="time this many calls instead of profiling")
     parser.add_argument("--batch-size", type=int, help="ours, decoder: frames per decoder call (default: the budget)")
     parser.add_argument("--compile", action="store_true", help="ours, unet: compiled as pipe.compile() does")
+    parser.add_argument("--flops", action="store_true", help="count the FLOPs of one call per op instead")
     parser.add_argument("--workdir", default=str(REPO / ".bench"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -108,6 +140,8 @@ def main() -> None:
         start = time.perf_counter()
         call()
         print(f"warm-up call: {time.perf_counter() - start:.2f} s", flush=True)
+        if args.flops:
+            return print_flops(call)
         if args.time:
             times, before, exact = [], current_rss(), reset_peak_rss()
             for _ in range(args.time):

@@ -50,8 +50,8 @@ def add(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 # oneDNN's linear with a fused epilogue (the op inductor emits on CPU): the bias, a GELU, a product or a residual add
 # are applied to the accumulator before the single write of the output, instead of two or three passes over it. In
-# float32 it also replaces MKL's sgemm, which on AMD CPUs (no Intel code path) ran 10-35% slower than oneDNN on the
-# UNet's shapes (benchmarks/profile_parts.py, AMD EPYC Zen 4, 2 threads).
+# float32 it also replaces MKL's sgemm, which on an AMD CPU (no Intel code path) ran 6-22% slower than oneDNN on the
+# UNet's shapes (benchmarks/linear_kernels.py, EPYC Zen 4, 2 threads; bfloat16 level).
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() \
     else None
 

@@ -210,8 +210,8 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.upcast_decoder = True
         # decoder activations per call when decode(batch_size=None): 2 frames of 256x256 or 1 of 512x512 in bf16.
-        # Smaller batches decode no slower on a CPU (profile_parts.py decoder --frames 8, 256x256 bf16: 12.4-12.8 s
-        # in batches of 2, 4, 5 or 8, peak +224, 384, 496, 768 MiB); GPUs were not measured
+        # Smaller batches decode no slower on a CPU (profile_parts.py decoder --frames 8 --batch-size N --time 2,
+        # 256x256 bf16: 12.4-12.8 s for N = 2, 4, 5, 8, peak +224, 384, 496, 768 MiB); GPUs were not measured
         self.decode_budget_bytes = 256 * 1024 ** 2
         self.scaling_factor = 0.18215  # latent scale of SD 1.5; ModelManager sets SDXL's 0.13025 for SDXL files
 
